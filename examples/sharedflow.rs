@@ -1,0 +1,108 @@
+//! Ktor's SharedFlow WebSocket sample, in wshub.
+//!
+//! Run it:
+//!
+//! ```text
+//! cargo run --release --example sharedflow
+//! cargo run --release --example sharedflow -- --addr 127.0.0.1:9001 --policy drop-oldest --capacity 256
+//! ```
+//!
+//! Then connect two clients to `ws://127.0.0.1:8080/ws` and type in either;
+//! every message reaches both, the sender included, in order:
+//!
+//! ```text
+//! websocat ws://127.0.0.1:8080/ws
+//! python3 -m websockets ws://127.0.0.1:8080/ws
+//! ```
+//!
+//! or, in a browser console on any page:
+//!
+//! ```text
+//! const ws = new WebSocket("ws://127.0.0.1:8080/ws");
+//! ws.onmessage = (e) => console.log(e.data);
+//! ws.onopen = () => ws.send("Hello");
+//! ```
+//!
+//! `/echo` answers each message to its sender only (for conformance suites).
+//! `RUST_LOG=wshub=debug` shows each session; ctrl-c shuts down gracefully
+//! (every client gets Close 1001 Going Away).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use wshub::{Config, Hub, HubConfig, Policy, Server};
+
+/// Ktor's SharedFlow sample: broadcast every message to every client.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    /// What a full hub buffer does: suspend, drop-oldest, drop-latest or disconnect.
+    #[arg(long, default_value = "suspend")]
+    policy: Policy,
+    /// How many messages the hub buffers for its slowest client.
+    #[arg(long, default_value_t = 1024)]
+    capacity: usize,
+    /// The largest message a client may send, in bytes.
+    #[arg(long, default_value_t = 16 << 20)]
+    max_message_size: usize,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+
+    let hub = Hub::with_config(
+        HubConfig::default()
+            .capacity(args.capacity)
+            .policy(args.policy),
+    )?;
+    // Ktor's sample: pingPeriod = 15 s, timeout = 15 s.
+    let config = Config::default()
+        .ping_period(Some(Duration::from_secs(15)))
+        .timeout(Duration::from_secs(15))
+        .max_frame_size(Some(args.max_message_size))
+        .max_message_size(Some(args.max_message_size));
+
+    let server = Server::new()
+        .config(config)
+        .route("/ws", move |mut session| {
+            let hub = hub.clone();
+            async move {
+                // Subscribe before greeting so nothing published meanwhile is missed.
+                let subscription = hub.subscribe();
+                session.send("You are connected to WebSocket!").await?;
+                let reason = session.join(subscription).await;
+                tracing::info!(session = session.id(), %reason, "left");
+                Ok::<_, wshub::Error>(())
+            }
+        })
+        .route("/echo", |mut session| async move {
+            while let Some(msg) = session.recv().await {
+                if session.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        });
+
+    let listener = tokio::net::TcpListener::bind(args.addr).await?;
+    tracing::info!(
+        "sharedflow on ws://{}/ws (policy {}, capacity {}); /echo echoes",
+        listener.local_addr()?,
+        args.policy,
+        args.capacity
+    );
+    server
+        .serve(listener, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}

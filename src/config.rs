@@ -1,0 +1,325 @@
+//! Options with documented defaults: [`Config`] for sessions and the server,
+//! [`HubConfig`] for a hub.
+//!
+//! Both follow one shape: `Default` gives the documented defaults and by-value
+//! setters change one knob each.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::message::Message;
+use crate::policy::Policy;
+
+/// WebSocket options for sessions (Ktor's `install(WebSockets) { ... }`).
+///
+/// A [`Server`](crate::Server) applies one `Config` to every session; a route
+/// may carry its own, and the handshake hook may adjust it per connection.
+///
+/// ```
+/// use std::time::Duration;
+/// let config = wshub::Config::default()
+///     .ping_period(Some(Duration::from_secs(15)))
+///     .timeout(Duration::from_secs(15))
+///     .max_message_size(Some(64 * 1024));
+/// assert_eq!(config.ping_period, Some(Duration::from_secs(15)));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Config {
+    /// How often the server pings the client. `None` turns pings off.
+    ///
+    /// Default: 30 s. Pings find peers that vanished without a FIN (a laptop
+    /// lid closed, a NAT entry expired); without them such a session lives
+    /// until the kernel gives up on the TCP connection, which can take hours.
+    /// Shorter periods find them sooner at the cost of more idle traffic.
+    pub ping_period: Option<Duration>,
+    /// How long to wait for the pong that answers a ping before closing the
+    /// session with 1011 "ping timeout".
+    ///
+    /// Default: 15 s (Ktor's default).
+    pub timeout: Duration,
+    /// How long one write to a client may make no progress before the session
+    /// is closed with 1013 "send timeout" and its subscription freed.
+    ///
+    /// Default: 5 s. This bounds what one stuck client can cost the hub: under
+    /// [`Policy::Suspend`] every publisher waits at most this long for it.
+    /// Longer values are kinder to clients on bad networks and harsher on
+    /// everyone else.
+    pub send_timeout: Duration,
+    /// How long to wait for the client's answer to a Close frame before the
+    /// TCP connection is dropped.
+    ///
+    /// Default: 2 s.
+    pub close_timeout: Duration,
+    /// How long a client may take to send its HTTP upgrade request.
+    ///
+    /// Default: 10 s. Bounds slow-header attacks (slowloris).
+    pub handshake_timeout: Duration,
+    /// The largest frame payload a client may send, in bytes; `None` for no limit.
+    /// A larger frame closes the session with 1009.
+    ///
+    /// Default: 1 MiB (tungstenite's is 16 MiB). Raise it for file transfer.
+    pub max_frame_size: Option<usize>,
+    /// The largest message (all fragments together) a client may send, in
+    /// bytes; `None` for no limit. A larger one closes the session with 1009.
+    ///
+    /// Default: 1 MiB (tungstenite's is 64 MiB).
+    pub max_message_size: Option<usize>,
+    /// The read buffer each connection allocates up front, in bytes.
+    ///
+    /// Default: 4 KiB (tungstenite's is 128 KiB, which is 1.3 GB at 10,000
+    /// connections). Larger messages still arrive whole; they take more reads.
+    pub read_buffer_size: usize,
+    /// How many bytes of outgoing frames are gathered before a write to the
+    /// socket; a flush writes whatever is gathered.
+    ///
+    /// Default: 16 KiB. `0` writes every frame at once (one syscall each).
+    /// The write buffer holds at most this plus one message, because the send
+    /// task waits for the socket before it queues more.
+    pub write_buffer_size: usize,
+    /// How many messages a session's own outgoing queue (the one
+    /// [`Session::send`](crate::Session::send) fills) holds before `send` waits.
+    ///
+    /// Default: 64. Hub messages do not go through this queue.
+    pub outgoing_capacity: usize,
+    /// How many messages the send task writes before it flushes.
+    ///
+    /// Default: 64. After one message the send task keeps taking whatever is
+    /// already waiting, up to this many, then flushes once.
+    pub max_batch: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            ping_period: Some(Duration::from_secs(30)),
+            timeout: Duration::from_secs(15),
+            send_timeout: Duration::from_secs(5),
+            close_timeout: Duration::from_secs(2),
+            handshake_timeout: Duration::from_secs(10),
+            max_frame_size: Some(1 << 20),
+            max_message_size: Some(1 << 20),
+            read_buffer_size: 4 << 10,
+            write_buffer_size: 16 << 10,
+            outgoing_capacity: 64,
+            max_batch: 64,
+        }
+    }
+}
+
+impl Config {
+    /// Sets [`ping_period`](Self::ping_period).
+    #[must_use]
+    pub fn ping_period(mut self, period: Option<Duration>) -> Self {
+        self.ping_period = period;
+        self
+    }
+
+    /// Sets [`timeout`](Self::timeout).
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Sets [`send_timeout`](Self::send_timeout).
+    #[must_use]
+    pub fn send_timeout(mut self, timeout: Duration) -> Self {
+        self.send_timeout = timeout;
+        self
+    }
+
+    /// Sets [`close_timeout`](Self::close_timeout).
+    #[must_use]
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.close_timeout = timeout;
+        self
+    }
+
+    /// Sets [`handshake_timeout`](Self::handshake_timeout).
+    #[must_use]
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// Sets [`max_frame_size`](Self::max_frame_size).
+    #[must_use]
+    pub fn max_frame_size(mut self, size: Option<usize>) -> Self {
+        self.max_frame_size = size;
+        self
+    }
+
+    /// Sets [`max_message_size`](Self::max_message_size).
+    #[must_use]
+    pub fn max_message_size(mut self, size: Option<usize>) -> Self {
+        self.max_message_size = size;
+        self
+    }
+
+    /// Sets [`read_buffer_size`](Self::read_buffer_size).
+    #[must_use]
+    pub fn read_buffer_size(mut self, size: usize) -> Self {
+        self.read_buffer_size = size;
+        self
+    }
+
+    /// Sets [`write_buffer_size`](Self::write_buffer_size).
+    #[must_use]
+    pub fn write_buffer_size(mut self, size: usize) -> Self {
+        self.write_buffer_size = size;
+        self
+    }
+
+    /// Sets [`outgoing_capacity`](Self::outgoing_capacity); `0` is taken as 1.
+    #[must_use]
+    pub fn outgoing_capacity(mut self, capacity: usize) -> Self {
+        self.outgoing_capacity = capacity.max(1);
+        self
+    }
+
+    /// Sets [`max_batch`](Self::max_batch); `0` is taken as 1.
+    #[must_use]
+    pub fn max_batch(mut self, messages: usize) -> Self {
+        self.max_batch = messages.max(1);
+        self
+    }
+
+    /// The tungstenite configuration these options imply.
+    pub(crate) fn websocket_config(&self) -> WebSocketConfig {
+        // A frame can never be larger than the message it belongs to.
+        let max_frame = match (self.max_frame_size, self.max_message_size) {
+            (Some(f), Some(m)) => Some(f.min(m)),
+            (f, m) => f.or(m),
+        };
+        WebSocketConfig::default()
+            .read_buffer_size(self.read_buffer_size)
+            .write_buffer_size(self.write_buffer_size)
+            .max_frame_size(max_frame)
+            .max_message_size(self.max_message_size)
+    }
+}
+
+/// Builds the message a lagging subscriber receives under
+/// [`Policy::DropOldest`]; it gets the number of messages skipped.
+pub type LagNotice = Arc<dyn Fn(u64) -> Message + Send + Sync>;
+
+/// Options for a [`Hub`](crate::Hub) (Ktor's `MutableSharedFlow(...)` arguments).
+///
+/// ```
+/// use wshub::{HubConfig, Policy};
+/// let config = HubConfig::default().capacity(256).policy(Policy::DropOldest);
+/// assert_eq!(config.capacity, 256);
+/// ```
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct HubConfig {
+    /// How many messages the hub buffers for its slowest subscriber.
+    ///
+    /// Default: 1024. Larger buffers absorb longer bursts before the policy
+    /// acts, and hold more memory for a slow subscriber (payloads are shared,
+    /// so at most `capacity` payloads live at once however many subscribe).
+    /// Must be at least 1.
+    pub capacity: usize,
+    /// What happens when the buffer is full. Default: [`Policy::Suspend`].
+    pub policy: Policy,
+    /// Under [`Policy::DropOldest`], the message a session sends its client
+    /// after it skipped messages, built from the number skipped. Default: none
+    /// (the gap is only counted).
+    pub lag_notice: Option<LagNotice>,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            capacity: 1024,
+            policy: Policy::Suspend,
+            lag_notice: None,
+        }
+    }
+}
+
+impl fmt::Debug for HubConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HubConfig")
+            .field("capacity", &self.capacity)
+            .field("policy", &self.policy)
+            .field(
+                "lag_notice",
+                &self.lag_notice.as_ref().map(|_| "Fn(u64) -> Message"),
+            )
+            .finish()
+    }
+}
+
+impl HubConfig {
+    /// Sets [`capacity`](Self::capacity).
+    #[must_use]
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// Sets [`policy`](Self::policy).
+    #[must_use]
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Sets [`lag_notice`](Self::lag_notice).
+    ///
+    /// ```
+    /// use wshub::{HubConfig, Message, Policy};
+    /// let config = HubConfig::default()
+    ///     .policy(Policy::DropOldest)
+    ///     .lag_notice(|skipped| Message::text(format!("{{\"skipped\":{skipped}}}")));
+    /// assert!(config.lag_notice.is_some());
+    /// ```
+    #[must_use]
+    pub fn lag_notice(mut self, notice: impl Fn(u64) -> Message + Send + Sync + 'static) -> Self {
+        self.lag_notice = Some(Arc::new(notice));
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_small_per_connection() {
+        let c = Config::default();
+        let ws = c.websocket_config();
+        assert_eq!(ws.read_buffer_size, 4096);
+        assert_eq!(ws.write_buffer_size, 16384);
+        assert_eq!(ws.max_message_size, Some(1 << 20));
+        assert_eq!(ws.max_frame_size, Some(1 << 20));
+        assert!(!ws.accept_unmasked_frames);
+    }
+
+    #[test]
+    fn frame_limit_never_exceeds_message_limit() {
+        let c = Config::default()
+            .max_frame_size(Some(1 << 20))
+            .max_message_size(Some(100));
+        assert_eq!(c.websocket_config().max_frame_size, Some(100));
+        let c = Config::default()
+            .max_frame_size(None)
+            .max_message_size(Some(100));
+        assert_eq!(c.websocket_config().max_frame_size, Some(100));
+        let c = Config::default()
+            .max_frame_size(None)
+            .max_message_size(None);
+        assert_eq!(c.websocket_config().max_frame_size, None);
+    }
+
+    #[test]
+    fn zero_queue_sizes_are_raised_to_one() {
+        let c = Config::default().outgoing_capacity(0).max_batch(0);
+        assert_eq!((c.outgoing_capacity, c.max_batch), (1, 1));
+    }
+}

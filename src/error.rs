@@ -1,0 +1,46 @@
+//! The crate's error type.
+
+use std::io;
+
+use crate::message::CloseReason;
+
+/// Everything that can go wrong in wshub.
+///
+/// Each variant says when it happens and whether the session survives it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The session is closed (or closing): nothing more can be sent or
+    /// received. Carries the close reason when one is known. Fatal for the session.
+    #[error("session closed{}", .0.as_ref().map(|r| format!(" ({} {})", u16::from(r.code), r.reason)).unwrap_or_default())]
+    Closed(Option<CloseReason>),
+    /// A payload was not valid JSON for the expected type, or a value could
+    /// not be serialized. The session stays open.
+    #[error("invalid JSON: {0}")]
+    Json(#[source] serde_json::Error),
+    /// A message of the wrong kind was given or received, for example a ping
+    /// where a text message was expected. The session stays open.
+    #[error("expected a text or binary message, got a {0} message")]
+    UnexpectedMessage(&'static str),
+    /// The WebSocket protocol layer failed (tungstenite's error). Fatal for the session.
+    #[error("websocket: {0}")]
+    WebSocket(#[from] tokio_tungstenite::tungstenite::Error),
+    /// An I/O error, for example binding a listener. Fatal for what it names.
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+    /// A configuration value is out of range; the message says which and why.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+impl Error {
+    /// Whether this error means the session is closed.
+    pub fn is_closed(&self) -> bool {
+        matches!(self, Error::Closed(_))
+    }
+
+    /// Whether this error is a JSON encoding or decoding failure.
+    pub fn is_json(&self) -> bool {
+        matches!(self, Error::Json(_))
+    }
+}

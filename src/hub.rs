@@ -1,0 +1,593 @@
+//! The hub: one async-broadcast channel shared by every session.
+//!
+//! Publishers put a message in once; every [`Subscription`] reads the same
+//! reference-counted payload. The hub keeps no list of sessions; it only owns
+//! the channel, the policy and the counters.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use async_broadcast::{InactiveReceiver, Receiver, Sender, TryRecvError as BTryRecvError};
+use serde::Serialize;
+
+use crate::config::HubConfig;
+use crate::error::Error;
+use crate::message::{self, Message};
+use crate::policy::{OnFull, Policy};
+
+/// A broadcast hub (Ktor's `MutableSharedFlow`): publish once, every subscriber
+/// receives it.
+///
+/// Cloning a `Hub` is cheap and gives another handle to the same channel.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use wshub::{Hub, Message, Published};
+///
+/// let hub = Hub::new();
+/// // Nobody listens yet: the publish succeeds and the message is dropped,
+/// // as with a SharedFlow without replay.
+/// assert_eq!(hub.publish(Message::text("lost")).await.unwrap(), Published::NoSubscribers);
+///
+/// let mut sub = hub.subscribe();
+/// hub.publish(Message::text("hello")).await.unwrap();
+/// assert_eq!(sub.recv().await.unwrap(), Message::text("hello"));
+/// assert_eq!(hub.subscriber_count(), 1);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Hub {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    tx: Sender<Message>,
+    // Kept so the channel stays open with no subscribers; `await_active` is off,
+    // so publishing then succeeds as "no subscribers" instead of blocking.
+    idle: InactiveReceiver<Message>,
+    config: HubConfig,
+    counters: Counters,
+}
+
+#[derive(Default)]
+struct Counters {
+    published: AtomicU64,
+    no_subscribers: AtomicU64,
+    dropped: AtomicU64,
+    evicted: AtomicU64,
+    lagged: AtomicU64,
+    disconnected: AtomicU64,
+}
+
+/// What a successful publish did with the message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use = "a publish may drop the message; check the outcome"]
+pub enum Published {
+    /// The message is in the channel; every current subscriber will receive it
+    /// unless its policy makes it skip (DropOldest, Disconnect).
+    Queued,
+    /// Nobody was subscribed, so the message went nowhere (SharedFlow semantics).
+    NoSubscribers,
+    /// The buffer was full under [`Policy::DropLatest`]: the message was
+    /// discarded for everyone and counted in [`HubStats::dropped`].
+    Dropped,
+}
+
+/// Why a publish failed. The message is handed back.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    /// The hub was closed with [`Hub::close`].
+    #[error("the hub is closed")]
+    Closed(Message),
+    /// [`Hub::try_publish`] under [`Policy::Suspend`]: the buffer is full and
+    /// publishing would have to wait.
+    #[error("the hub's buffer is full")]
+    Full(Message),
+    /// Only text and binary messages travel through a hub; control frames
+    /// belong to one connection.
+    #[error("a hub carries text and binary messages, not {}", message::kind(.0))]
+    NotData(Message),
+}
+
+impl PublishError {
+    /// The message that was not published.
+    pub fn into_inner(self) -> Message {
+        match self {
+            PublishError::Closed(m) | PublishError::Full(m) | PublishError::NotData(m) => m,
+        }
+    }
+
+    /// Whether the hub is closed.
+    pub fn is_closed(&self) -> bool {
+        matches!(self, PublishError::Closed(_))
+    }
+
+    /// Whether the buffer was full.
+    pub fn is_full(&self) -> bool {
+        matches!(self, PublishError::Full(_))
+    }
+}
+
+/// A snapshot of a hub's counters. Every count is since the hub was created.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HubStats {
+    /// Current number of subscribers.
+    pub subscribers: usize,
+    /// Messages currently buffered (for the slowest subscriber).
+    pub buffered: usize,
+    /// Publishes that entered the channel ([`Published::Queued`]).
+    pub published: u64,
+    /// Publishes with no subscriber ([`Published::NoSubscribers`]).
+    pub no_subscribers: u64,
+    /// Messages discarded at publish under [`Policy::DropLatest`].
+    pub dropped: u64,
+    /// Oldest messages evicted to make room under [`Policy::DropOldest`] or
+    /// [`Policy::Disconnect`].
+    pub evicted: u64,
+    /// Messages subscribers skipped because they lagged, summed over subscribers.
+    pub lagged: u64,
+    /// Sessions the hub closed: lagging under [`Policy::Disconnect`], or a send
+    /// that made no progress within [`Config::send_timeout`](crate::Config::send_timeout).
+    pub disconnected: u64,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Hub {
+    /// A hub with [`HubConfig::default`]: capacity 1024, [`Policy::Suspend`].
+    pub fn new() -> Hub {
+        Self::build(HubConfig::default())
+    }
+
+    /// A hub with the given options.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] if `config.capacity` is 0.
+    pub fn with_config(config: HubConfig) -> Result<Hub, Error> {
+        if config.capacity == 0 {
+            return Err(Error::Config(
+                "hub capacity must be at least 1 (one message buffered)".into(),
+            ));
+        }
+        Ok(Self::build(config))
+    }
+
+    fn build(config: HubConfig) -> Hub {
+        let (mut tx, rx) = async_broadcast::broadcast(config.capacity);
+        tx.set_overflow(config.policy.overflows());
+        tx.set_await_active(false);
+        Hub {
+            shared: Arc::new(Shared {
+                tx,
+                idle: rx.deactivate(),
+                config,
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    /// Publishes a text or binary message to every subscriber (Ktor's `emit`).
+    ///
+    /// Under [`Policy::Suspend`] this waits while the buffer is full; under the
+    /// other policies it never waits. Encode once and publish the result: the
+    /// payload is shared, not copied, by every subscriber.
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError::Closed`] after [`close`](Self::close);
+    /// [`PublishError::NotData`] for a control frame. The message is handed back.
+    pub async fn publish(&self, msg: impl Into<Message>) -> Result<Published, PublishError> {
+        let msg = self.check(msg.into())?;
+        if self.shared.config.policy.on_full() != OnFull::Wait {
+            return self.offer(msg);
+        }
+        match self.shared.tx.broadcast_direct(msg).await {
+            Ok(_) => Ok(self.queued()),
+            Err(async_broadcast::SendError(msg)) => self.refused(msg),
+        }
+    }
+
+    /// Publishes without waiting (Ktor's `tryEmit`).
+    ///
+    /// # Errors
+    ///
+    /// As [`publish`](Self::publish), plus [`PublishError::Full`] under
+    /// [`Policy::Suspend`] when the buffer is full.
+    pub fn try_publish(&self, msg: impl Into<Message>) -> Result<Published, PublishError> {
+        let msg = self.check(msg.into())?;
+        self.offer(msg)
+    }
+
+    /// Serializes `value` to JSON once and publishes it as a text message.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Json`] if `value` cannot be serialized; [`Error::Closed`] if
+    /// the hub is closed.
+    pub async fn publish_json<T: Serialize + ?Sized>(&self, value: &T) -> Result<Published, Error> {
+        let msg = message::json(value)?;
+        self.publish(msg).await.map_err(|_| Error::Closed(None))
+    }
+
+    /// Subscribes to every message published from now on (Ktor's `collect`).
+    ///
+    /// Subscribe *before* you send a greeting or anything else the client may
+    /// react to, so that nothing published in between is missed.
+    pub fn subscribe(&self) -> Subscription {
+        Subscription {
+            rx: self.shared.idle.activate_cloned(),
+            hub: self.clone(),
+            lagged: 0,
+        }
+    }
+
+    /// How many subscribers the hub has now.
+    pub fn subscriber_count(&self) -> usize {
+        self.shared.tx.receiver_count()
+    }
+
+    /// Closes the hub: publishing fails from now on, and subscribers receive
+    /// what is still buffered and then [`RecvError::Closed`]. Sessions joined
+    /// to the hub close with 1001. Returns `false` if it was already closed.
+    pub fn close(&self) -> bool {
+        self.shared.tx.close()
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.shared.tx.is_closed()
+    }
+
+    /// The slow-client policy.
+    pub fn policy(&self) -> Policy {
+        self.shared.config.policy
+    }
+
+    /// The buffer capacity in messages.
+    pub fn capacity(&self) -> usize {
+        self.shared.config.capacity
+    }
+
+    /// The hub's options.
+    pub fn config(&self) -> &HubConfig {
+        &self.shared.config
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> HubStats {
+        let c = &self.shared.counters;
+        HubStats {
+            subscribers: self.subscriber_count(),
+            buffered: self.shared.tx.len(),
+            published: c.published.load(Relaxed),
+            no_subscribers: c.no_subscribers.load(Relaxed),
+            dropped: c.dropped.load(Relaxed),
+            evicted: c.evicted.load(Relaxed),
+            lagged: c.lagged.load(Relaxed),
+            disconnected: c.disconnected.load(Relaxed),
+        }
+    }
+
+    /// Whether two handles point at the same hub.
+    pub fn same_hub(&self, other: &Hub) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
+    pub(crate) fn record_disconnect(&self) {
+        self.shared.counters.disconnected.fetch_add(1, Relaxed);
+    }
+
+    fn check(&self, msg: Message) -> Result<Message, PublishError> {
+        if message::is_data(&msg) {
+            Ok(msg)
+        } else {
+            Err(PublishError::NotData(msg))
+        }
+    }
+
+    /// Offers a message without waiting, applying the policy to a full buffer.
+    fn offer(&self, msg: Message) -> Result<Published, PublishError> {
+        let c = &self.shared.counters;
+        match self.shared.tx.try_broadcast(msg) {
+            Ok(None) => Ok(self.queued()),
+            Ok(Some(_evicted)) => {
+                c.evicted.fetch_add(1, Relaxed);
+                Ok(self.queued())
+            }
+            Err(async_broadcast::TrySendError::Full(msg)) => {
+                match self.shared.config.policy.on_full() {
+                    OnFull::Discard => {
+                        c.dropped.fetch_add(1, Relaxed);
+                        Ok(Published::Dropped)
+                    }
+                    // Overflow mode never reports Full; Suspend's try_publish does.
+                    OnFull::Wait | OnFull::EvictOldest => Err(PublishError::Full(msg)),
+                }
+            }
+            Err(async_broadcast::TrySendError::Inactive(_)) => Ok(self.nobody()),
+            Err(async_broadcast::TrySendError::Closed(msg)) => Err(PublishError::Closed(msg)),
+        }
+    }
+
+    /// A waiting send was refused: either closed or nobody is subscribed.
+    fn refused(&self, msg: Message) -> Result<Published, PublishError> {
+        if self.is_closed() {
+            Err(PublishError::Closed(msg))
+        } else {
+            Ok(self.nobody())
+        }
+    }
+
+    fn queued(&self) -> Published {
+        self.shared.counters.published.fetch_add(1, Relaxed);
+        Published::Queued
+    }
+
+    fn nobody(&self) -> Published {
+        self.shared.counters.no_subscribers.fetch_add(1, Relaxed);
+        Published::NoSubscribers
+    }
+}
+
+impl fmt::Debug for Hub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hub")
+            .field("policy", &self.policy())
+            .field("capacity", &self.capacity())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// One subscriber's view of a hub. Dropping it unsubscribes.
+///
+/// Under [`Policy::Suspend`] a subscription that is not read holds every
+/// publisher back once the buffer fills: read it, or drop it.
+pub struct Subscription {
+    rx: Receiver<Message>,
+    hub: Hub,
+    lagged: u64,
+}
+
+/// Why [`Subscription::recv`] returned no message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RecvError {
+    /// The subscriber fell behind and this many messages were evicted before it
+    /// read them (only under [`Policy::DropOldest`] and [`Policy::Disconnect`]).
+    /// The next `recv` returns the oldest message still buffered.
+    #[error("lagged behind the hub by {0} messages")]
+    Lagged(u64),
+    /// The hub is closed and everything buffered has been read.
+    #[error("the hub is closed")]
+    Closed,
+}
+
+/// Why [`Subscription::try_recv`] returned no message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TryRecvError {
+    /// Nothing is buffered for this subscriber right now.
+    #[error("no message is waiting")]
+    Empty,
+    /// As [`RecvError::Lagged`].
+    #[error("lagged behind the hub by {0} messages")]
+    Lagged(u64),
+    /// As [`RecvError::Closed`].
+    #[error("the hub is closed")]
+    Closed,
+}
+
+impl Subscription {
+    /// Waits for the next message.
+    ///
+    /// # Errors
+    ///
+    /// [`RecvError::Lagged`] when messages were evicted before this subscriber
+    /// read them (counted in [`HubStats::lagged`]); [`RecvError::Closed`] when
+    /// the hub is closed and drained.
+    pub async fn recv(&mut self) -> Result<Message, RecvError> {
+        match self.rx.recv_direct().await {
+            Ok(msg) => Ok(msg),
+            Err(async_broadcast::RecvError::Overflowed(n)) => Err(RecvError::Lagged(self.lag(n))),
+            Err(async_broadcast::RecvError::Closed) => Err(RecvError::Closed),
+        }
+    }
+
+    /// Takes the next message if one is waiting.
+    ///
+    /// # Errors
+    ///
+    /// As [`recv`](Self::recv), plus [`TryRecvError::Empty`].
+    pub fn try_recv(&mut self) -> Result<Message, TryRecvError> {
+        match self.rx.try_recv() {
+            Ok(msg) => Ok(msg),
+            Err(BTryRecvError::Overflowed(n)) => Err(TryRecvError::Lagged(self.lag(n))),
+            Err(BTryRecvError::Empty) => Err(TryRecvError::Empty),
+            Err(BTryRecvError::Closed) => Err(TryRecvError::Closed),
+        }
+    }
+
+    /// How many messages this subscriber has skipped so far.
+    pub fn lagged(&self) -> u64 {
+        self.lagged
+    }
+
+    /// How many messages are waiting for this subscriber.
+    pub fn len(&self) -> usize {
+        self.rx.len()
+    }
+
+    /// Whether no message is waiting for this subscriber.
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
+    /// The hub this subscription reads.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    fn lag(&mut self, n: u64) -> u64 {
+        self.lagged += n;
+        self.hub.shared.counters.lagged.fetch_add(n, Relaxed);
+        n
+    }
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription")
+            .field("waiting", &self.len())
+            .field("lagged", &self.lagged)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub(capacity: usize, policy: Policy) -> Hub {
+        Hub::with_config(HubConfig::default().capacity(capacity).policy(policy)).unwrap()
+    }
+
+    fn text(i: usize) -> Message {
+        Message::text(i.to_string())
+    }
+
+    #[tokio::test]
+    async fn publish_without_subscribers_succeeds_and_is_counted() {
+        for policy in Policy::ALL {
+            let hub = hub(2, policy);
+            for i in 0..5 {
+                assert_eq!(hub.publish(text(i)).await, Ok(Published::NoSubscribers));
+                assert_eq!(hub.try_publish(text(i)), Ok(Published::NoSubscribers));
+            }
+            assert_eq!(hub.stats().no_subscribers, 10, "{policy}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_late_subscriber_sees_only_later_messages() {
+        let hub = hub(4, Policy::Suspend);
+        let _ = hub.publish(text(0)).await.unwrap();
+        let mut sub = hub.subscribe();
+        let _ = hub.publish(text(1)).await.unwrap();
+        assert_eq!(sub.recv().await.unwrap(), text(1));
+        assert_eq!(sub.try_recv(), Err(TryRecvError::Empty));
+    }
+
+    #[tokio::test]
+    async fn payload_is_shared_not_copied() {
+        let hub = hub(4, Policy::Suspend);
+        let (mut a, mut b) = (hub.subscribe(), hub.subscribe());
+        let _ = hub.publish(Message::binary(vec![7u8; 1024])).await.unwrap();
+        let (Message::Binary(x), Message::Binary(y)) =
+            (a.recv().await.unwrap(), b.recv().await.unwrap())
+        else {
+            panic!("expected binary messages");
+        };
+        assert_eq!(
+            x.as_ptr(),
+            y.as_ptr(),
+            "both subscribers must read the same buffer"
+        );
+    }
+
+    #[tokio::test]
+    async fn control_frames_are_refused() {
+        let hub = hub(4, Policy::Suspend);
+        let err = hub.publish(Message::Ping(Bytes::new())).await.unwrap_err();
+        assert!(
+            matches!(err, PublishError::NotData(Message::Ping(_))),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("ping"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn zero_capacity_is_a_config_error() {
+        let err = Hub::with_config(HubConfig::default().capacity(0)).unwrap_err();
+        assert!(err.to_string().contains("capacity"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn suspend_waits_for_the_slowest_and_try_publish_reports_full() {
+        let hub = hub(2, Policy::Suspend);
+        let mut sub = hub.subscribe();
+        let _ = hub.publish(text(0)).await.unwrap();
+        let _ = hub.publish(text(1)).await.unwrap();
+        assert_eq!(hub.try_publish(text(2)), Err(PublishError::Full(text(2))));
+        let pending = tokio::spawn({
+            let hub = hub.clone();
+            async move { hub.publish(text(2)).await }
+        });
+        // The publisher can only finish once the subscriber makes room.
+        assert_eq!(sub.recv().await.unwrap(), text(0));
+        assert_eq!(pending.await.unwrap(), Ok(Published::Queued));
+        assert_eq!(sub.recv().await.unwrap(), text(1));
+        assert_eq!(sub.recv().await.unwrap(), text(2));
+        assert_eq!(
+            hub.stats().lagged + hub.stats().dropped + hub.stats().evicted,
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn drop_oldest_skips_ahead_and_counts_the_gap() {
+        let hub = hub(2, Policy::DropOldest);
+        let mut sub = hub.subscribe();
+        for i in 0..5 {
+            assert_eq!(hub.publish(text(i)).await, Ok(Published::Queued));
+        }
+        assert_eq!(sub.recv().await, Err(RecvError::Lagged(3)));
+        assert_eq!(sub.recv().await.unwrap(), text(3));
+        assert_eq!(sub.recv().await.unwrap(), text(4));
+        let stats = hub.stats();
+        assert_eq!((stats.evicted, stats.lagged, sub.lagged()), (3, 3, 3));
+    }
+
+    #[tokio::test]
+    async fn drop_latest_discards_new_messages_for_everyone() {
+        let hub = hub(2, Policy::DropLatest);
+        let mut sub = hub.subscribe();
+        let outcomes: Vec<_> = (0..5).map(|i| hub.try_publish(text(i)).unwrap()).collect();
+        assert_eq!(outcomes[..2], [Published::Queued, Published::Queued]);
+        assert!(outcomes[2..].iter().all(|o| *o == Published::Dropped));
+        assert_eq!(sub.recv().await.unwrap(), text(0));
+        assert_eq!(sub.recv().await.unwrap(), text(1));
+        assert_eq!(sub.try_recv(), Err(TryRecvError::Empty));
+        assert_eq!(hub.stats().dropped, 3);
+    }
+
+    #[tokio::test]
+    async fn close_drains_then_reports_closed() {
+        let hub = hub(4, Policy::Suspend);
+        let mut sub = hub.subscribe();
+        let _ = hub.publish(text(0)).await.unwrap();
+        assert!(hub.close());
+        assert!(hub.publish(text(1)).await.unwrap_err().is_closed());
+        assert_eq!(sub.recv().await.unwrap(), text(0));
+        assert_eq!(sub.recv().await, Err(RecvError::Closed));
+    }
+
+    #[tokio::test]
+    async fn subscriber_count_follows_subscriptions() {
+        let hub = hub(4, Policy::Suspend);
+        assert_eq!(hub.subscriber_count(), 0);
+        let a = hub.subscribe();
+        let b = hub.subscribe();
+        assert_eq!(hub.subscriber_count(), 2);
+        drop(a);
+        assert_eq!(hub.subscriber_count(), 1);
+        drop(b);
+        assert_eq!(hub.subscriber_count(), 0);
+        assert_eq!(hub.publish(text(0)).await, Ok(Published::NoSubscribers));
+    }
+}

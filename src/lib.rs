@@ -1,0 +1,130 @@
+//! WebSocket broadcast over one shared pub/sub stream.
+//!
+//! wshub ports Ktor's WebSockets plugin and its SharedFlow broadcast pattern to
+//! Rust: every message a client sends can reach every other client through one
+//! [`Hub`], an async-broadcast channel. Sessions never hold references to each
+//! other and the hub keeps no list of sessions: each session's receive loop
+//! publishes into the hub and each session's send task subscribes to it.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! use wshub::testing::TestServer;
+//! use wshub::{Hub, Server};
+//!
+//! let hub = Hub::new();
+//! let server = Server::new().route("/ws", move |mut session| {
+//!     let hub = hub.clone();
+//!     async move {
+//!         let subscription = hub.subscribe(); // before the greeting: miss nothing
+//!         session.send("You are connected to WebSocket!").await?;
+//!         session.join(subscription).await; // publish what it sends, forward what the hub carries
+//!         Ok::<_, wshub::Error>(())
+//!     }
+//! });
+//!
+//! let server = TestServer::start(server).await;
+//! let mut ann = server.connect("/ws").await;
+//! let mut bob = server.connect("/ws").await;
+//! ann.expect_text("You are connected to WebSocket!").await;
+//! bob.expect_text("You are connected to WebSocket!").await;
+//! ann.send("Hello").await;
+//! bob.expect_text("Hello").await;
+//! ann.expect_text("Hello").await; // the sender gets it too, as in Ktor's sample
+//! server.shutdown().await;
+//! # }
+//! ```
+//!
+//! # What a slow client does to the hub
+//!
+//! One shared channel means one slow client can hold everyone back. The hub
+//! buffers up to [`HubConfig::capacity`] messages for its slowest subscriber;
+//! when that buffer is full, the [`Policy`] decides who pays:
+//!
+//! * [`Policy::Suspend`] (the default, as in Ktor): publishers **wait** until the
+//!   slowest subscriber makes room. Nothing is lost, but everyone goes at the
+//!   pace of the slowest client. So that a stuck client cannot stall the hub for
+//!   ever, a session whose socket accepts nothing for [`Config::send_timeout`]
+//!   (5 s by default) is closed with 1013 and its place in the hub freed.
+//! * [`Policy::DropOldest`]: the **oldest** buffered message is evicted.
+//!   Publishers never wait; a lagging client skips ahead to what is still
+//!   buffered and the gap is counted (and can be told to it with
+//!   [`HubConfig::lag_notice`]). Fast clients lose nothing as long as they keep
+//!   within the buffer.
+//! * [`Policy::DropLatest`]: a message published into a full buffer is
+//!   **discarded**, and the publish says so ([`Published::Dropped`]). Because the
+//!   buffer is shared, the message is lost for *every* client, not just the slow
+//!   one: choose it when new data is worth less than old.
+//! * [`Policy::Disconnect`]: a client that falls a whole buffer behind is
+//!   **closed** with 1013 (Try Again Later), the way uWebSockets and Centrifugo
+//!   treat slow consumers. Publishers never wait, fast clients lose nothing, the
+//!   slow one learns why and can reconnect.
+//!
+//! Every one of these is counted in [`HubStats`] (`dropped`, `evicted`,
+//! `lagged`, `disconnected`). Control frames (pings, pongs, Close frames) never
+//! travel through the hub, so no policy drops them.
+//!
+//! # How it differs from axum's chat example and `tokio::sync::broadcast`
+//!
+//! The common pattern broadcasts a `String` over `tokio::sync::broadcast` and
+//! each subscriber turns it into a new frame, one flush per message; slow
+//! receivers silently lose messages (`Lagged`) and nobody is told. wshub
+//! publishes Bytes-backed [`Message`]s, so a broadcast is encoded once and
+//! shared by reference count with every subscriber; each send task batches
+//! what is waiting into one flush; and the slow-client behaviour is a stated,
+//! counted, tested choice.
+//!
+//! # Layout
+//!
+//! * `hub.rs`: [`Hub`], the one broadcast channel: publish, subscribe, counts.
+//! * `policy.rs`: [`Policy`], the overflow policies, free of I/O.
+//! * `session.rs`: [`Session`], its receive loop and send task, [`Outgoing`].
+//! * `message.rs`: [`Message`], [`CloseReason`], the JSON helpers.
+//! * `config.rs`: [`Config`] and [`HubConfig`], with documented defaults.
+//! * `server.rs`: [`Server`]: listener, routes, handshake hook, graceful shutdown.
+//! * `request.rs`: [`Request`], what a session knows of its upgrade request.
+//! * `transport.rs`: the WebSocket stream shared by a session's two halves.
+//! * `error.rs`: [`Error`].
+//! * `testing.rs`: [`testing::TestServer`] and [`testing::TestClient`].
+//!
+//! # Ktor to wshub
+//!
+//! | Ktor | wshub |
+//! |---|---|
+//! | `install(WebSockets) { pingPeriod, timeout, maxFrameSize }` | [`Config`] |
+//! | `routing { webSocket("/path") { } }` | [`Server::route`] |
+//! | `webSocketRaw` | [`Server::raw_route`] |
+//! | `incoming`, `outgoing`, `send`, `close(reason)`, `closeReason`, `flush()`, `terminate()`, `call` | [`Session::incoming`], [`Session::outgoing`], [`Session::send`], [`Session::close`], [`Session::close_reason`], [`Session::flush`], [`Session::terminate`], [`Session::request`] |
+//! | `sendSerialized` / `receiveDeserialized` | [`Session::send_json`] / [`Session::receive_json`] |
+//! | `MutableSharedFlow(extraBufferCapacity, onBufferOverflow)` | [`Hub::with_config`], [`HubConfig`] |
+//! | `emit` / `tryEmit` / `collect` | [`Hub::publish`] / [`Hub::try_publish`] / [`Hub::subscribe`] |
+//! | `testApplication`, `handleWebSocketConversation` | [`testing::TestServer`], [`testing::TestClient`] |
+//!
+//! Ktor's MDN-style events map as: *onConnect* is the start of the handler;
+//! *onMessage* is each [`Session::recv`] that returns a message; *onClose* and
+//! *onError* are `recv` returning `None`, after which [`Session::close_reason`]
+//! says which (the client's Close frame, or 1006 and the error's text).
+
+mod config;
+mod error;
+mod hub;
+mod message;
+mod policy;
+mod request;
+mod server;
+mod session;
+pub mod testing;
+mod transport;
+
+pub use config::{Config, HubConfig, LagNotice};
+pub use error::Error;
+pub use hub::{Hub, HubStats, PublishError, Published, RecvError, Subscription, TryRecvError};
+pub use message::{
+    Bytes, CloseCode, CloseReason, Message, Utf8Bytes, close_reason, from_json, json,
+};
+pub use policy::{ParsePolicyError, Policy};
+pub use request::Request;
+pub use server::{HandlerOutput, Rejection, Server};
+pub use session::{Outgoing, Session};
+
+/// The tungstenite crate wshub builds on, for types the re-exports lack.
+pub use tokio_tungstenite::tungstenite;

@@ -1,0 +1,603 @@
+//! The server: accept loop, path routes, the HTTP upgrade, the handshake hook,
+//! graceful shutdown.
+//!
+//! HTTP is hyper's job: a request that is not a valid upgrade gets a real
+//! status line and a short body (404, 400, 426), not a dropped connection.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::message::{CloseCode, close_reason};
+use crate::request::Request;
+use crate::session::{Session, Setup};
+
+type BoxFuture = Pin<Box<dyn Future<Output = HandlerResult> + Send>>;
+type Handler = Arc<dyn Fn(Session) -> BoxFuture + Send + Sync>;
+type Hook = Arc<dyn Fn(&Request, &mut Config) -> Result<(), Rejection> + Send + Sync>;
+
+/// What a route handler may return: `()` or a `Result` whose error is logged.
+///
+/// A handler that returns an error has its session closed with 1011
+/// (Internal Error); otherwise the session closes with 1000 when the handler
+/// returns, as in Ktor.
+pub trait HandlerOutput: Send + 'static {
+    /// Turns the output into the error text to report, if any.
+    fn into_error(self) -> Option<String>;
+}
+
+impl HandlerOutput for () {
+    fn into_error(self) -> Option<String> {
+        None
+    }
+}
+
+impl<E: fmt::Display + Send + 'static> HandlerOutput for Result<(), E> {
+    fn into_error(self) -> Option<String> {
+        self.err().map(|e| e.to_string())
+    }
+}
+
+type HandlerResult = Option<String>;
+
+/// An HTTP answer that refuses an upgrade, from the handshake hook.
+///
+/// ```
+/// use wshub::Rejection;
+/// let no = Rejection::new(http::StatusCode::FORBIDDEN, "origin not allowed");
+/// assert_eq!(no.status(), http::StatusCode::FORBIDDEN);
+/// ```
+#[derive(Clone, Debug)]
+pub struct Rejection {
+    status: StatusCode,
+    body: String,
+    headers: HeaderMap,
+}
+
+impl Rejection {
+    /// A rejection with a status and a short plain-text body.
+    pub fn new(status: StatusCode, body: impl Into<String>) -> Rejection {
+        Rejection {
+            status,
+            body: body.into(),
+            headers: HeaderMap::new(),
+        }
+    }
+
+    /// 401 Unauthorized with a body.
+    pub fn unauthorized(body: impl Into<String>) -> Rejection {
+        Rejection::new(StatusCode::UNAUTHORIZED, body)
+    }
+
+    /// 403 Forbidden with a body.
+    pub fn forbidden(body: impl Into<String>) -> Rejection {
+        Rejection::new(StatusCode::FORBIDDEN, body)
+    }
+
+    /// Adds a response header.
+    #[must_use]
+    pub fn header(mut self, name: header::HeaderName, value: HeaderValue) -> Rejection {
+        self.headers.insert(name, value);
+        self
+    }
+
+    /// The status code.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The body text.
+    pub fn body(&self) -> &str {
+        &self.body
+    }
+
+    fn into_response(self) -> http::Response<Full<Bytes>> {
+        let mut body = self.body;
+        if !body.ends_with('\n') {
+            body.push('\n');
+        }
+        let mut response = http::Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = self.status;
+        *response.headers_mut() = self.headers;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        response
+    }
+}
+
+struct Route {
+    handler: Handler,
+    raw: bool,
+    config: Option<Config>,
+}
+
+/// A WebSocket server with path routes (Ktor's `routing { webSocket("/path") { } }`).
+///
+/// ```no_run
+/// # #[tokio::main] async fn main() -> std::io::Result<()> {
+/// use wshub::{Hub, Server};
+///
+/// let hub = Hub::new();
+/// let server = Server::new()
+///     .route("/ws", move |mut session| {
+///         let hub = hub.clone();
+///         async move {
+///             let subscription = hub.subscribe();
+///             session.send("You are connected to WebSocket!").await?;
+///             session.join(subscription).await;
+///             Ok::<_, wshub::Error>(())
+///         }
+///     })
+///     .route("/echo", |mut session| async move {
+///         while let Some(msg) = session.recv().await {
+///             if session.send(msg).await.is_err() {
+///                 break;
+///             }
+///         }
+///     });
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+/// server.serve(listener, async { let _ = tokio::signal::ctrl_c().await; }).await
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Server {
+    routes: HashMap<String, Arc<Route>>,
+    config: Config,
+    hook: Option<Hook>,
+    shutdown_timeout: Duration,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut paths: Vec<_> = self.routes.keys().collect();
+        paths.sort();
+        f.debug_struct("Server")
+            .field("routes", &paths)
+            .field("config", &self.config)
+            .field("hook", &self.hook.is_some())
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .finish()
+    }
+}
+
+impl Server {
+    /// A server with no routes and [`Config::default`].
+    pub fn new() -> Server {
+        Server {
+            routes: HashMap::new(),
+            config: Config::default(),
+            hook: None,
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Sets the options every route uses unless it has its own.
+    #[must_use]
+    pub fn config(mut self, config: Config) -> Server {
+        self.config = config;
+        self
+    }
+
+    /// Serves WebSocket sessions at `path` (an exact path, query ignored).
+    ///
+    /// The handler gets each [`Session`] and runs in that connection's task.
+    /// When it returns the session closes with 1000, or 1011 if it returned an
+    /// error. A later route on the same path replaces the earlier one.
+    #[must_use]
+    pub fn route<F, Fut>(self, path: &str, handler: F) -> Server
+    where
+        F: Fn(Session) -> Fut + Send + Sync + 'static,
+        Fut: Future + Send + 'static,
+        Fut::Output: HandlerOutput,
+    {
+        self.add(path, handler, false, None)
+    }
+
+    /// As [`route`](Self::route), with options for this route only.
+    #[must_use]
+    pub fn route_with_config<F, Fut>(self, path: &str, config: Config, handler: F) -> Server
+    where
+        F: Fn(Session) -> Fut + Send + Sync + 'static,
+        Fut: Future + Send + 'static,
+        Fut::Output: HandlerOutput,
+    {
+        self.add(path, handler, false, Some(config))
+    }
+
+    /// A raw route (Ktor's `webSocketRaw`): the handler sees pings, pongs and
+    /// Close frames, and the server sends no pings of its own.
+    ///
+    /// tungstenite still answers each ping with a pong and each Close with a
+    /// Close, as RFC 6455 requires; what raw mode turns off is wshub's ping
+    /// timer and its hiding of control frames.
+    #[must_use]
+    pub fn raw_route<F, Fut>(self, path: &str, handler: F) -> Server
+    where
+        F: Fn(Session) -> Fut + Send + Sync + 'static,
+        Fut: Future + Send + 'static,
+        Fut::Output: HandlerOutput,
+    {
+        self.add(path, handler, true, None)
+    }
+
+    fn add<F, Fut>(mut self, path: &str, handler: F, raw: bool, config: Option<Config>) -> Server
+    where
+        F: Fn(Session) -> Fut + Send + Sync + 'static,
+        Fut: Future + Send + 'static,
+        Fut::Output: HandlerOutput,
+    {
+        let handler: Handler = Arc::new(move |session| {
+            let fut = handler(session);
+            Box::pin(async move { fut.await.into_error() })
+        });
+        self.routes.insert(
+            path.to_owned(),
+            Arc::new(Route {
+                handler,
+                raw,
+                config,
+            }),
+        );
+        self
+    }
+
+    /// A hook that sees every valid upgrade request before it is accepted.
+    ///
+    /// Return `Err(Rejection)` to answer with that status instead (401/403 for
+    /// auth, 403 for a foreign `Origin`), or adjust this connection's
+    /// [`Config`] (for example a larger `max_frame_size` for trusted clients).
+    ///
+    /// ```
+    /// use wshub::{Rejection, Server};
+    /// let server = Server::new().on_handshake(|request, _config| {
+    ///     match request.query_param("token").as_deref() {
+    ///         Some("secret") => Ok(()),
+    ///         _ => Err(Rejection::unauthorized("missing or wrong token")),
+    ///     }
+    /// });
+    /// ```
+    #[must_use]
+    pub fn on_handshake(
+        mut self,
+        hook: impl Fn(&Request, &mut Config) -> Result<(), Rejection> + Send + Sync + 'static,
+    ) -> Server {
+        self.hook = Some(Arc::new(hook));
+        self
+    }
+
+    /// How long [`serve`](Self::serve) waits for sessions to finish after the
+    /// shutdown signal before it aborts them.
+    ///
+    /// Default: 10 s, which covers the close handshake
+    /// ([`Config::close_timeout`]) of every session with room to spare.
+    #[must_use]
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Server {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Serves connections from `listener` until `shutdown` completes.
+    ///
+    /// Then it stops accepting, sends every session a Close frame with 1001
+    /// (Going Away) after the hub messages already buffered for it, waits for
+    /// every connection task to end (up to the [shutdown
+    /// timeout](Self::shutdown_timeout), then aborts the rest), and returns.
+    ///
+    /// # Errors
+    ///
+    /// None today: accept errors (such as running out of file descriptors) are
+    /// logged and retried after a short pause, since they are usually passing.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> io::Result<()> {
+        let app = Arc::new(self);
+        let stop = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        tokio::pin!(shutdown);
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "serving");
+        }
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, peer)) => {
+                        let _ = tcp.set_nodelay(true);
+                        tasks.spawn(connection(tcp, peer, app.clone(), stop.clone()));
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "accept failed; pausing");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        drop(listener);
+        tracing::info!(connections = tasks.len(), "shutting down");
+        stop.cancel();
+        let drain = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(app.shutdown_timeout, drain)
+            .await
+            .is_err()
+        {
+            tracing::warn!(left = tasks.len(), "shutdown timeout: aborting sessions");
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+        Ok(())
+    }
+
+    /// Decides what to do with one HTTP request: a rejection, or a 101 and the
+    /// upgrade to run afterwards.
+    fn respond(
+        &self,
+        mut req: http::Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<(http::Response<Full<Bytes>>, Upgrade), Rejection> {
+        let Some(route) = self.routes.get(req.uri().path()).cloned() else {
+            return Err(Rejection::new(
+                StatusCode::NOT_FOUND,
+                format!("no WebSocket route at {}", req.uri().path()),
+            ));
+        };
+        let accept = check_upgrade(req.method(), req.version(), req.headers())?;
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let request = Request::new(req, Some(peer));
+        let mut config = route.config.clone().unwrap_or_else(|| self.config.clone());
+        if let Some(hook) = &self.hook {
+            hook(&request, &mut config)?;
+        }
+        let mut response = http::Response::new(Full::new(Bytes::new()));
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let headers = response.headers_mut();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+        Ok((
+            response,
+            Upgrade {
+                on_upgrade,
+                route,
+                request,
+                config,
+            },
+        ))
+    }
+}
+
+/// An accepted upgrade, run once hyper hands over the connection.
+struct Upgrade {
+    on_upgrade: OnUpgrade,
+    route: Arc<Route>,
+    request: Request,
+    config: Config,
+}
+
+/// Checks an upgrade request against RFC 6455 §4.2.1 and returns the
+/// `Sec-WebSocket-Accept` value.
+fn check_upgrade(
+    method: &Method,
+    version: Version,
+    headers: &HeaderMap,
+) -> Result<HeaderValue, Rejection> {
+    let bad = |why: &str| Rejection::new(StatusCode::BAD_REQUEST, why);
+    if method != Method::GET {
+        return Err(bad("a WebSocket upgrade must be a GET request"));
+    }
+    if version < Version::HTTP_11 {
+        return Err(bad("a WebSocket upgrade needs HTTP/1.1"));
+    }
+    if !header_has_token(headers, header::UPGRADE, "websocket") {
+        return Err(bad(
+            "missing \"Upgrade: websocket\" header: this is a WebSocket endpoint",
+        ));
+    }
+    if !header_has_token(headers, header::CONNECTION, "upgrade") {
+        return Err(bad("missing \"Connection: Upgrade\" header"));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        return Err(Rejection::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported WebSocket version: only version 13 is supported",
+        )
+        .header(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        ));
+    }
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or_else(|| bad("missing Sec-WebSocket-Key header"))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(key.as_bytes())
+        .map_err(|_| bad("Sec-WebSocket-Key is not valid base64"))?;
+    if decoded.len() != 16 {
+        return Err(bad("Sec-WebSocket-Key must be 16 bytes, base64-encoded"));
+    }
+    // A base64 string is visible ASCII, so it is always a valid header value.
+    HeaderValue::from_str(&derive_accept_key(key.as_bytes()))
+        .map_err(|_| bad("Sec-WebSocket-Key is not valid"))
+}
+
+/// Whether a comma-separated header contains `token` (case-insensitive).
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// One TCP connection: HTTP until an upgrade, then the WebSocket session.
+async fn connection(tcp: TcpStream, peer: SocketAddr, app: Arc<Server>, stop: CancellationToken) {
+    let upgrade: Arc<Mutex<Option<Upgrade>>> = Arc::new(Mutex::new(None));
+    let service = {
+        let app = app.clone();
+        let upgrade = upgrade.clone();
+        service_fn(move |req: http::Request<Incoming>| {
+            let response = match app.respond(req, peer) {
+                Ok((response, accepted)) => {
+                    *upgrade.lock().unwrap_or_else(|p| p.into_inner()) = Some(accepted);
+                    response
+                }
+                Err(rejection) => {
+                    tracing::debug!(%peer, status = %rejection.status, "upgrade refused");
+                    rejection.into_response()
+                }
+            };
+            async move { Ok::<_, Infallible>(response) }
+        })
+    };
+    let http = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(app.config.handshake_timeout)
+        .serve_connection(TokioIo::new(tcp), service)
+        .with_upgrades();
+    tokio::select! {
+        result = http => {
+            if let Err(err) = result {
+                tracing::debug!(%peer, error = %err, "HTTP connection failed");
+            }
+        }
+        _ = stop.cancelled() => return,
+    }
+    let accepted = upgrade.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let Some(accepted) = accepted else { return };
+    let upgraded = match accepted.on_upgrade.await {
+        Ok(upgraded) => upgraded,
+        Err(err) => {
+            tracing::debug!(%peer, error = %err, "upgrade failed");
+            return;
+        }
+    };
+    let ws_config = accepted.config.websocket_config();
+    let ws =
+        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config))
+            .await;
+    let (session, send_task) = Session::start(
+        ws,
+        Setup {
+            config: accepted.config,
+            request: accepted.request,
+            raw: accepted.route.raw,
+            shutdown: stop,
+            managed: true,
+        },
+    );
+    let out = session.outgoing();
+    let _guard = out.kill_on_drop();
+    let id = session.id();
+    tracing::debug!(session = id, %peer, "session open");
+    let failure = (accepted.route.handler)(session).await;
+    match failure {
+        Some(err) => {
+            tracing::warn!(session = id, error = %err, "handler failed");
+            out.close(close_reason(CloseCode::Error, "internal error"));
+        }
+        None => out.close(close_reason(CloseCode::Normal, "")),
+    }
+    let _ = send_task.await;
+    tracing::debug!(session = id, reason = ?out.close_reason(), "session closed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(*k, HeaderValue::from_static(v));
+        }
+        map
+    }
+
+    const GOOD: &[(&str, &str)] = &[
+        ("upgrade", "websocket"),
+        ("connection", "keep-alive, Upgrade"),
+        ("sec-websocket-version", "13"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+
+    #[test]
+    fn accepts_the_rfc_example_key() {
+        let accept = check_upgrade(&Method::GET, Version::HTTP_11, &headers(GOOD)).unwrap();
+        assert_eq!(accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+
+    #[test]
+    fn refuses_bad_upgrades_with_specific_statuses() {
+        let status = |m: &Method, v, pairs: &[(&'static str, &'static str)]| {
+            check_upgrade(m, v, &headers(pairs)).unwrap_err().status()
+        };
+        assert_eq!(
+            status(&Method::POST, Version::HTTP_11, GOOD),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            status(&Method::GET, Version::HTTP_10, GOOD),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            status(&Method::GET, Version::HTTP_11, &GOOD[1..]),
+            StatusCode::BAD_REQUEST
+        );
+        let no_connection = [GOOD[0], GOOD[2], GOOD[3]];
+        assert_eq!(
+            status(&Method::GET, Version::HTTP_11, &no_connection),
+            StatusCode::BAD_REQUEST
+        );
+        let v8 = [GOOD[0], GOOD[1], ("sec-websocket-version", "8"), GOOD[3]];
+        let err = check_upgrade(&Method::GET, Version::HTTP_11, &headers(&v8)).unwrap_err();
+        assert_eq!(err.status(), StatusCode::UPGRADE_REQUIRED);
+        assert_eq!(err.headers.get("sec-websocket-version").unwrap(), "13");
+        let short_key = [GOOD[0], GOOD[1], GOOD[2], ("sec-websocket-key", "c2hvcnQ=")];
+        assert_eq!(
+            status(&Method::GET, Version::HTTP_11, &short_key),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            status(&Method::GET, Version::HTTP_11, &GOOD[..3]),
+            StatusCode::BAD_REQUEST
+        );
+    }
+}

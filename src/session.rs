@@ -1,0 +1,1136 @@
+//! A WebSocket session (Ktor's `WebSocketSession`): its receive side, its send
+//! task, its close reason.
+//!
+//! The receive side runs in the handler's own task: [`Session::recv`] reads the
+//! socket, answers pings, records pongs and close frames, and turns protocol
+//! errors into the right close code. A separate send task owns the write side:
+//! it writes what [`Session::send`] queues, forwards a hub [`Subscription`]
+//! after [`Session::join`], pings, and applies the hub's slow-client policy.
+
+use std::fmt;
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use futures_util::{SinkExt, Stream, StreamExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, Interval, MissedTickBehavior, sleep_until, timeout};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Error as WsError;
+use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, LagNotice};
+use crate::error::Error;
+use crate::hub::{RecvError, Subscription, TryRecvError};
+use crate::message::{self, Bytes, CloseCode, CloseReason, Message, close_reason};
+use crate::policy::{OnLag, Policy};
+use crate::request::Request;
+use crate::transport::Transport;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// One WebSocket connection, as a handler sees it.
+///
+/// * Receive with [`recv`](Self::recv) or [`incoming`](Self::incoming): text and
+///   binary messages only; pings are answered, pongs recorded and the close
+///   handshake completed for you (unless the session is raw).
+/// * Send with [`send`](Self::send), [`send_json`](Self::send_json), or an
+///   [`Outgoing`] handle that other tasks can hold.
+/// * Broadcast with [`join`](Self::join): everything the client sends goes to a
+///   hub, everything the hub carries goes to the client.
+/// * End with [`close`](Self::close) or [`terminate`](Self::terminate); read
+///   why it ended with [`close_reason`](Self::close_reason). A session dropped
+///   while open is closed with 1000 Normal Closure.
+///
+/// Keep reading while the session lives (`recv` in a loop, or `join`): pongs
+/// and the client's Close frame are only seen while the session reads.
+pub struct Session {
+    reader: Option<Transport>,
+    out: Outgoing,
+    request: Arc<Request>,
+    raw: bool,
+    /// The stream ended (close handshake done or connection gone).
+    finished: bool,
+}
+
+/// A cloneable handle that sends to one session (Ktor's `outgoing`).
+///
+/// Messages are queued in the session's bounded outgoing queue
+/// ([`Config::outgoing_capacity`]) and written in order by its send task.
+#[derive(Clone)]
+pub struct Outgoing {
+    commands: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+}
+
+/// State shared by a session, its send task and its [`Outgoing`] handles.
+struct Shared {
+    id: u64,
+    reason: OnceLock<CloseReason>,
+    /// Cancelled when the connection must end now: both sides stop.
+    kill: CancellationToken,
+    /// A close the send task must perform, with priority over queued data.
+    close_request: Mutex<Option<CloseRequest>>,
+    wake: Notify,
+    pongs: AtomicU64,
+    reader_gone: AtomicBool,
+    /// A server runs the handler and closes the session itself when it returns.
+    managed: bool,
+    settings: Mutex<Settings>,
+    max_frame_size: Option<usize>,
+    max_message_size: Option<usize>,
+}
+
+#[derive(Clone, Copy)]
+struct Settings {
+    ping_period: Option<Duration>,
+    timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+struct CloseRequest {
+    reason: CloseReason,
+    /// Wait for the client's Close frame (true) or drop the connection right
+    /// after ours is written (false: failing the connection).
+    handshake: bool,
+    /// Write what the hub already buffered for this session first (server shutdown).
+    drain_hub: bool,
+}
+
+enum Command {
+    Send(Message),
+    Flush(oneshot::Sender<()>),
+    Forward(Subscription),
+    Settings,
+}
+
+impl Shared {
+    fn reason(&self) -> Option<CloseReason> {
+        self.reason.get().cloned()
+    }
+
+    /// Records why the session ended; the first reason wins.
+    fn set_reason(&self, reason: CloseReason) {
+        let _ = self.reason.set(reason);
+    }
+
+    fn request_close(&self, request: CloseRequest) {
+        self.set_reason(request.reason.clone());
+        let mut slot = self.close_request.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert(request);
+        drop(slot);
+        self.wake.notify_one();
+    }
+
+    fn take_close_request(&self) -> Option<CloseRequest> {
+        self.close_request
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    fn settings(&self) -> Settings {
+        *self.settings.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn closed_error(&self) -> Error {
+        Error::Closed(self.reason())
+    }
+}
+
+/// The close reason for a connection that ended without a closing handshake.
+fn abnormal(why: &str) -> CloseReason {
+    close_reason(CloseCode::Abnormal, why.to_owned())
+}
+
+/// The close code a read error calls for, if the peer can still be told.
+fn close_code_for(err: &WsError) -> Option<CloseReason> {
+    let code = match err {
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => CloseCode::Size,
+        WsError::Capacity(_) => CloseCode::Size,
+        WsError::Utf8(_) => CloseCode::Invalid,
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => return None,
+        WsError::Protocol(_) => CloseCode::Protocol,
+        _ => return None,
+    };
+    // Close reasons must fit a control frame (123 bytes after the code).
+    let mut text = err.to_string();
+    if text.len() > 120 {
+        let mut end = 120;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    Some(close_reason(code, text))
+}
+
+/// Options the send task needs, fixed when the session starts.
+#[derive(Clone)]
+pub(crate) struct Setup {
+    pub(crate) config: Config,
+    pub(crate) request: Request,
+    pub(crate) raw: bool,
+    pub(crate) shutdown: CancellationToken,
+    /// The server closes the session when the handler returns (1000, or 1011 on error).
+    pub(crate) managed: bool,
+}
+
+impl Session {
+    /// Attaches a session to a WebSocket connection that something else
+    /// upgraded (your own HTTP server, a test), and starts its send task on the
+    /// current tokio runtime.
+    ///
+    /// Only the send-side options of `config` apply (timeouts, ping, batch and
+    /// queue sizes); frame and message limits belong to the `WebSocketStream`
+    /// you built, so pass the same limits there (see [`Config`]).
+    ///
+    /// # Panics
+    ///
+    /// If called outside a tokio runtime.
+    ///
+    /// ```no_run
+    /// # async fn demo(tcp: tokio::net::TcpStream) -> Result<(), Box<dyn std::error::Error>> {
+    /// use wshub::{Config, Hub, Request, Session};
+    /// let hub = Hub::new();
+    /// let ws = tokio_tungstenite::accept_async(tcp).await?;
+    /// let mut session = Session::attach(ws, Request::unknown(), &Config::default());
+    /// let reason = session.join(hub.subscribe()).await;
+    /// println!("closed: {reason}");
+    /// # Ok(()) }
+    /// ```
+    pub fn attach<S>(ws: WebSocketStream<S>, request: Request, config: &Config) -> Session
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (session, _send_task) = Session::start(
+            ws,
+            Setup {
+                config: config.clone(),
+                request,
+                raw: false,
+                shutdown: CancellationToken::new(),
+                managed: false,
+            },
+        );
+        session
+    }
+
+    /// Starts a session and its send task.
+    pub(crate) fn start<S>(ws: WebSocketStream<S>, setup: Setup) -> (Session, JoinHandle<()>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (reader, writer) = Transport::pair(ws);
+        let config = setup.config;
+        let shared = Arc::new(Shared {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            reason: OnceLock::new(),
+            kill: CancellationToken::new(),
+            close_request: Mutex::new(None),
+            wake: Notify::new(),
+            pongs: AtomicU64::new(0),
+            reader_gone: AtomicBool::new(false),
+            managed: setup.managed,
+            settings: Mutex::new(Settings {
+                ping_period: if setup.raw { None } else { config.ping_period },
+                timeout: config.timeout,
+            }),
+            max_frame_size: config.websocket_config().max_frame_size,
+            max_message_size: config.max_message_size,
+        });
+        let (tx, rx) = mpsc::channel(config.outgoing_capacity.max(1));
+        let task = SendTask {
+            sink: writer,
+            commands: rx,
+            shared: shared.clone(),
+            sub: None,
+            send_timeout: config.send_timeout,
+            close_timeout: config.close_timeout,
+            max_batch: config.max_batch.max(1),
+            shutdown: setup.shutdown,
+            ping: Ping::new(shared.settings()),
+        };
+        let handle = tokio::spawn(task.run());
+        let session = Session {
+            reader: Some(reader),
+            out: Outgoing {
+                commands: tx,
+                shared,
+            },
+            request: Arc::new(setup.request),
+            raw: setup.raw,
+            finished: false,
+        };
+        (session, handle)
+    }
+
+    /// A number unique to this session within the process.
+    pub fn id(&self) -> u64 {
+        self.out.shared.id
+    }
+
+    /// The upgrade request: path, query, headers, peer address (Ktor's `call`).
+    pub fn request(&self) -> &Request {
+        &self.request
+    }
+
+    /// Whether this is a raw session (control frames visible, no pings sent).
+    pub fn is_raw(&self) -> bool {
+        self.raw
+    }
+
+    /// Receives the next text or binary message; `None` once the session is
+    /// closed, after which [`close_reason`](Self::close_reason) says why.
+    ///
+    /// Pings are answered and pongs recorded as they pass. A Close frame from
+    /// the client is answered and ends the stream. A protocol violation closes
+    /// the session with the matching code: 1009 for a frame or message over the
+    /// limit, 1007 for invalid UTF-8, 1002 for other protocol errors.
+    ///
+    /// In a raw session pings, pongs and the client's Close frame are returned
+    /// too (tungstenite still answers pings and closes, as RFC 6455 requires).
+    ///
+    /// Cancel-safe: a message is never lost if this future is dropped.
+    pub async fn recv(&mut self) -> Option<Message> {
+        loop {
+            let reader = self.reader.as_mut()?;
+            let item = tokio::select! {
+                biased;
+                _ = self.out.shared.kill.cancelled() => {
+                    self.end(abnormal("connection terminated"));
+                    return None;
+                }
+                item = reader.next() => item,
+            };
+            match item {
+                None => {
+                    self.end(abnormal("connection closed without a close frame"));
+                    return None;
+                }
+                Some(Ok(msg)) => match msg {
+                    Message::Text(_) | Message::Binary(_) => return Some(msg),
+                    Message::Ping(_) if self.raw => return Some(msg),
+                    Message::Pong(_) => {
+                        self.out.shared.pongs.fetch_add(1, Ordering::Relaxed);
+                        if self.raw {
+                            return Some(msg);
+                        }
+                    }
+                    Message::Close(ref frame) => {
+                        self.out.shared.set_reason(
+                            frame
+                                .clone()
+                                .unwrap_or_else(|| close_reason(CloseCode::Status, "")),
+                        );
+                        if self.raw {
+                            return Some(msg);
+                        }
+                    }
+                    Message::Ping(_) | Message::Frame(_) => {}
+                },
+                Some(Err(err)) => {
+                    tracing::debug!(session = self.id(), error = %err, "read failed");
+                    match close_code_for(&err) {
+                        Some(reason) => {
+                            self.out.shared.request_close(CloseRequest {
+                                reason,
+                                handshake: false,
+                                drain_hub: false,
+                            });
+                            self.reader = None;
+                        }
+                        None => self.end(abnormal(&err.to_string())),
+                    }
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// The received messages as a stream (Ktor's `incoming`); it ends when the
+    /// session closes.
+    ///
+    /// ```no_run
+    /// # async fn demo(mut session: wshub::Session) {
+    /// use futures_util::StreamExt;
+    /// let mut incoming = session.incoming();
+    /// while let Some(msg) = incoming.next().await {
+    ///     println!("got {msg}");
+    /// }
+    /// # }
+    /// ```
+    pub fn incoming(&mut self) -> impl Stream<Item = Message> + Send + '_ {
+        futures_util::stream::unfold(self, |session| async move {
+            let msg = session.recv().await?;
+            Some((msg, session))
+        })
+    }
+
+    /// The stream ended: record the reason and stop the send task.
+    fn end(&mut self, reason: CloseReason) {
+        self.out.shared.set_reason(reason);
+        self.reader = None;
+        self.finished = true;
+        self.out.shared.kill.cancel();
+    }
+
+    /// Queues a message for the client, waiting while the outgoing queue is full.
+    ///
+    /// Sending `Message::Close` starts the closing handshake, like
+    /// [`Outgoing::close`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] once the session is closing or closed.
+    pub async fn send(&self, msg: impl Into<Message>) -> Result<(), Error> {
+        self.out.send(msg).await
+    }
+
+    /// Queues a message without waiting.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] once the session is closing; [`Error::WebSocket`] with
+    /// a `WriteBufferFull` error when the outgoing queue is full (the message is
+    /// in it).
+    pub fn try_send(&self, msg: impl Into<Message>) -> Result<(), Error> {
+        self.out.try_send(msg)
+    }
+
+    /// Serializes `value` to JSON and sends it as a text message (Ktor's
+    /// `sendSerialized`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Json`] if `value` cannot be serialized; [`Error::Closed`] as for
+    /// [`send`](Self::send).
+    pub async fn send_json<T: Serialize + ?Sized>(&self, value: &T) -> Result<(), Error> {
+        self.send(message::json(value)?).await
+    }
+
+    /// Receives the next message and parses it as JSON (Ktor's `receiveDeserialized`).
+    ///
+    /// A message that is not valid JSON for `T` is consumed and reported; the
+    /// session stays open, so the caller may answer it and go on.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Json`] for bad JSON, with serde's position and reason;
+    /// [`Error::UnexpectedMessage`] for a control frame in a raw session;
+    /// [`Error::Closed`] when the session closed first.
+    pub async fn receive_json<T: DeserializeOwned>(&mut self) -> Result<T, Error> {
+        match self.recv().await {
+            Some(msg) => message::from_json(&msg),
+            None => Err(self.out.shared.closed_error()),
+        }
+    }
+
+    /// A cloneable handle for sending to this session from other tasks.
+    pub fn outgoing(&self) -> Outgoing {
+        self.out.clone()
+    }
+
+    /// Waits until everything sent before this call is written to the socket
+    /// (Ktor's `flush`). Returns at once if the session is already closed.
+    ///
+    /// # Errors
+    ///
+    /// None today; the `Result` leaves room for reporting write failures.
+    pub async fn flush(&self) -> Result<(), Error> {
+        self.out.flush().await
+    }
+
+    /// Closes the session (Ktor's `close(reason)`): writes what is already
+    /// queued, sends a Close frame with `reason`, and waits up to
+    /// [`Config::close_timeout`] for the client's answer, discarding any data
+    /// that arrives meanwhile.
+    ///
+    /// ```no_run
+    /// # async fn demo(mut session: wshub::Session) {
+    /// use wshub::{close_reason, CloseCode};
+    /// session.close(close_reason(CloseCode::Normal, "Client said BYE")).await;
+    /// assert_eq!(session.close_reason().unwrap().code, CloseCode::Normal);
+    /// # }
+    /// ```
+    pub async fn close(&mut self, reason: CloseReason) {
+        self.out.close(reason);
+        while self.recv().await.is_some() {}
+    }
+
+    /// Ends the connection now, without a closing handshake (Ktor's
+    /// `terminate`). The close reason becomes 1006 "terminated" unless one was
+    /// already set.
+    pub fn terminate(&mut self) {
+        self.end(abnormal("terminated"));
+    }
+
+    /// Why the session closed, or `None` while it is open (Ktor's `closeReason`).
+    ///
+    /// Set in every ending: the client's Close frame (1005 if it carried no
+    /// code), the reason this side closed with (1001 on shutdown, 1002, 1007,
+    /// 1009, 1011 "ping timeout", 1013 for a slow client), or 1006 when the
+    /// connection dropped without a closing handshake.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.out.shared.reason()
+    }
+
+    /// Whether the session is closing or closed.
+    pub fn is_closed(&self) -> bool {
+        self.out.is_closed()
+    }
+
+    /// The ping period in force (`None`: no pings).
+    pub fn ping_period(&self) -> Option<Duration> {
+        self.out.shared.settings().ping_period
+    }
+
+    /// Changes the ping period for this session only (Ktor's `pingInterval`).
+    pub fn set_ping_period(&self, period: Option<Duration>) {
+        self.update_settings(|s| s.ping_period = period);
+    }
+
+    /// The pong timeout in force.
+    pub fn timeout(&self) -> Duration {
+        self.out.shared.settings().timeout
+    }
+
+    /// Changes the pong timeout for this session only (Ktor's `timeout`).
+    pub fn set_timeout(&self, timeout: Duration) {
+        self.update_settings(|s| s.timeout = timeout);
+    }
+
+    /// The largest frame this session accepts (Ktor's `maxFrameSize`), fixed
+    /// when the connection is upgraded: set it per route or in the handshake
+    /// hook.
+    pub fn max_frame_size(&self) -> Option<usize> {
+        self.out.shared.max_frame_size
+    }
+
+    /// The largest message this session accepts, fixed at upgrade like
+    /// [`max_frame_size`](Self::max_frame_size).
+    pub fn max_message_size(&self) -> Option<usize> {
+        self.out.shared.max_message_size
+    }
+
+    fn update_settings(&self, change: impl FnOnce(&mut Settings)) {
+        change(
+            &mut self
+                .out
+                .shared
+                .settings
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        // If the queue is full the send task is busy and will see the new
+        // settings at its next ping; a lost wake-up costs nothing.
+        let _ = self.out.commands.try_send(Command::Settings);
+    }
+
+    /// Runs the SharedFlow pattern: every text or binary message the client
+    /// sends is published to the subscription's hub, and every hub message is
+    /// forwarded to the client, until the session closes. Returns the close
+    /// reason.
+    ///
+    /// Take the subscription before you greet the client, so that nothing
+    /// published in between is missed:
+    ///
+    /// ```no_run
+    /// # async fn demo(mut session: wshub::Session, hub: wshub::Hub) -> Result<(), wshub::Error> {
+    /// let subscription = hub.subscribe();
+    /// session.send("You are connected to WebSocket!").await?;
+    /// let reason = session.join(subscription).await;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// The send task batches: after one hub message it writes whatever else is
+    /// already waiting (up to [`Config::max_batch`]) and flushes once. The
+    /// hub's [`Policy`] decides what happens when this client falls behind.
+    pub async fn join(&mut self, subscription: Subscription) -> CloseReason {
+        let hub = subscription.hub().clone();
+        if self
+            .out
+            .commands
+            .send(Command::Forward(subscription))
+            .await
+            .is_ok()
+        {
+            while let Some(msg) = self.recv().await {
+                if !message::is_data(&msg) {
+                    continue;
+                }
+                let kill = self.out.shared.kill.clone();
+                tokio::select! {
+                    _ = kill.cancelled() => {}
+                    result = hub.publish(msg) => {
+                        if let Err(err) = result {
+                            tracing::debug!(session = self.id(), error = %err, "publish failed");
+                        }
+                    }
+                }
+            }
+        }
+        // The loop ends only when recv returned None, which always records a reason.
+        self.close_reason()
+            .unwrap_or_else(|| abnormal("connection ended"))
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let shared = &self.out.shared;
+        if self.finished {
+            shared.kill.cancel();
+            return;
+        }
+        shared.reader_gone.store(true, Ordering::Release);
+        if shared.reason.get().is_none() && !shared.managed {
+            // Ktor closes with NORMAL when the handler returns.
+            shared.request_close(CloseRequest {
+                reason: close_reason(CloseCode::Normal, ""),
+                handshake: true,
+                drain_hub: false,
+            });
+        } else {
+            // A close is under way: the send task now reads the answer itself.
+            shared.wake.notify_one();
+        }
+    }
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.id())
+            .field("path", &self.request.path())
+            .field("peer", &self.request.peer_addr())
+            .field("raw", &self.raw)
+            .field("close_reason", &self.close_reason())
+            .finish()
+    }
+}
+
+impl Outgoing {
+    /// Queues a message for the client, waiting while the queue is full.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] once the session is closing or closed.
+    pub async fn send(&self, msg: impl Into<Message>) -> Result<(), Error> {
+        let msg = msg.into();
+        if let Message::Close(frame) = msg {
+            self.close(frame.unwrap_or_else(|| close_reason(CloseCode::Normal, "")));
+            return Ok(());
+        }
+        if self.is_closed() {
+            return Err(self.shared.closed_error());
+        }
+        self.commands
+            .send(Command::Send(msg))
+            .await
+            .map_err(|_| self.shared.closed_error())
+    }
+
+    /// Queues a message without waiting.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] once the session is closing; [`Error::WebSocket`]
+    /// (`WriteBufferFull`, carrying the message) when the queue is full.
+    pub fn try_send(&self, msg: impl Into<Message>) -> Result<(), Error> {
+        let msg = msg.into();
+        if let Message::Close(frame) = msg {
+            self.close(frame.unwrap_or_else(|| close_reason(CloseCode::Normal, "")));
+            return Ok(());
+        }
+        if self.is_closed() {
+            return Err(self.shared.closed_error());
+        }
+        match self.commands.try_send(Command::Send(msg)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(Command::Send(msg))) => {
+                Err(Error::WebSocket(WsError::WriteBufferFull(Box::new(msg))))
+            }
+            Err(_) => Err(self.shared.closed_error()),
+        }
+    }
+
+    /// Serializes `value` to JSON and queues it as a text message.
+    ///
+    /// # Errors
+    ///
+    /// As [`Session::send_json`].
+    pub async fn send_json<T: Serialize + ?Sized>(&self, value: &T) -> Result<(), Error> {
+        self.send(message::json(value)?).await
+    }
+
+    /// Waits until everything queued before this call is written.
+    ///
+    /// # Errors
+    ///
+    /// None today; see [`Session::flush`].
+    pub async fn flush(&self) -> Result<(), Error> {
+        let (done, written) = oneshot::channel();
+        if self.is_closed() || self.commands.send(Command::Flush(done)).await.is_err() {
+            return Ok(());
+        }
+        // A dropped sender means the session ended: nothing is left to flush.
+        let _ = written.await;
+        Ok(())
+    }
+
+    /// Starts the closing handshake: what is already queued is written, then a
+    /// Close frame with `reason`. Does not wait; the session's `recv` ends when
+    /// the client answers or [`Config::close_timeout`] passes.
+    pub fn close(&self, reason: CloseReason) {
+        self.shared.request_close(CloseRequest {
+            reason,
+            handshake: true,
+            drain_hub: false,
+        });
+    }
+
+    /// Whether the session is closing or closed.
+    pub fn is_closed(&self) -> bool {
+        self.shared.reason.get().is_some() || self.shared.kill.is_cancelled()
+    }
+
+    /// Why the session closed, or `None` while it is open.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.shared.reason()
+    }
+
+    /// Ends the connection when the returned guard is dropped.
+    pub(crate) fn kill_on_drop(&self) -> tokio_util::sync::DropGuard {
+        self.shared.kill.clone().drop_guard()
+    }
+
+    /// The id of the session this handle sends to.
+    pub fn session_id(&self) -> u64 {
+        self.shared.id
+    }
+
+    /// Turns the handle into a `futures` [`Sink`](futures_util::Sink).
+    pub fn into_sink(self) -> impl futures_util::Sink<Message, Error = Error> + Send {
+        futures_util::sink::unfold(self, |out, msg: Message| async move {
+            out.send(msg).await?;
+            Ok::<_, Error>(out)
+        })
+    }
+}
+
+impl fmt::Debug for Outgoing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outgoing")
+            .field("session", &self.shared.id)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+/// The ping timer and the pong deadline of one session.
+struct Ping {
+    interval: Option<Interval>,
+    period: Option<Duration>,
+    deadline: Option<Instant>,
+    pongs_at_ping: u64,
+    sent: u64,
+}
+
+impl Ping {
+    fn new(settings: Settings) -> Ping {
+        let mut ping = Ping {
+            interval: None,
+            period: None,
+            deadline: None,
+            pongs_at_ping: 0,
+            sent: 0,
+        };
+        ping.apply(settings);
+        ping
+    }
+
+    fn apply(&mut self, settings: Settings) {
+        if self.period == settings.ping_period {
+            return;
+        }
+        self.period = settings.ping_period;
+        self.interval = settings.ping_period.filter(|p| !p.is_zero()).map(|p| {
+            let mut interval = tokio::time::interval_at(Instant::now() + p, p);
+            interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            interval
+        });
+        if self.interval.is_none() {
+            self.deadline = None;
+        }
+    }
+
+    async fn tick(&mut self) {
+        match self.interval.as_mut() {
+            Some(interval) => {
+                interval.tick().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Sleeps until `deadline`, or for ever if there is none.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Why the send task's main loop stopped.
+enum Stop {
+    /// The connection must end now, without writing anything more.
+    Kill,
+    /// Close the connection with this request.
+    Close(CloseRequest),
+    /// The socket failed; the reason is recorded.
+    Broken(CloseReason),
+}
+
+/// The send task: owns the write side of one session.
+struct SendTask {
+    sink: Transport,
+    commands: mpsc::Receiver<Command>,
+    shared: Arc<Shared>,
+    sub: Option<Forwarding>,
+    send_timeout: Duration,
+    close_timeout: Duration,
+    max_batch: usize,
+    shutdown: CancellationToken,
+    ping: Ping,
+}
+
+/// A hub subscription being forwarded, with its policy.
+struct Forwarding {
+    sub: Subscription,
+    policy: Policy,
+    lag_notice: Option<LagNotice>,
+}
+
+impl SendTask {
+    async fn run(mut self) {
+        let stop = self.serve().await;
+        match stop {
+            Stop::Kill => {}
+            Stop::Broken(reason) => self.shared.set_reason(reason),
+            Stop::Close(request) => self.close(request).await,
+        }
+        self.sub = None;
+        self.shared.kill.cancel();
+        // Tell the peer promptly (FIN) even if the handler still holds the session.
+        let _ = timeout(
+            Duration::from_millis(100),
+            poll_fn(|cx| self.sink.poll_shutdown(cx)),
+        )
+        .await;
+        tracing::trace!(session = self.shared.id, "send task done");
+    }
+
+    async fn serve(&mut self) -> Stop {
+        loop {
+            let pong_deadline = self.ping.deadline;
+            tokio::select! {
+                biased;
+                _ = self.shared.kill.cancelled() => return Stop::Kill,
+                _ = self.shared.wake.notified() => {
+                    if let Some(request) = self.shared.take_close_request() {
+                        return Stop::Close(request);
+                    }
+                }
+                _ = self.shutdown.cancelled() => {
+                    return Stop::Close(CloseRequest {
+                        reason: close_reason(CloseCode::Away, "server shutting down"),
+                        handshake: true,
+                        drain_hub: true,
+                    });
+                }
+                _ = sleep_until_some(pong_deadline) => {
+                    if self.shared.pongs.load(Ordering::Relaxed) > self.ping.pongs_at_ping {
+                        self.ping.deadline = None;
+                    } else {
+                        tracing::debug!(session = self.shared.id, "no pong within the timeout");
+                        return Stop::Close(CloseRequest {
+                            reason: close_reason(CloseCode::Error, "ping timeout"),
+                            handshake: false,
+                            drain_hub: false,
+                        });
+                    }
+                }
+                _ = self.ping.tick() => {
+                    if let Err(stop) = self.send_ping().await {
+                        return stop;
+                    }
+                }
+                command = self.commands.recv() => {
+                    let Some(command) = command else {
+                        // Every handle is gone; Session's drop already asked to close.
+                        return Stop::Close(CloseRequest {
+                            reason: close_reason(CloseCode::Normal, ""),
+                            handshake: true,
+                            drain_hub: false,
+                        });
+                    };
+                    if let Err(stop) = self.batch(Some(command), None).await {
+                        return stop;
+                    }
+                }
+                result = recv_forwarded(&mut self.sub) => {
+                    if let Err(stop) = self.batch(None, Some(result)).await {
+                        return stop;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes one item, then whatever else is ready (up to `max_batch`), then flushes once.
+    async fn batch(
+        &mut self,
+        mut command: Option<Command>,
+        mut forwarded: Option<Result<Message, RecvError>>,
+    ) -> Result<(), Stop> {
+        let mut written = 0;
+        let mut flush_waiters = Vec::new();
+        loop {
+            if let Some(cmd) = command.take() {
+                match cmd {
+                    Command::Send(msg) => {
+                        self.write(msg).await?;
+                        written += 1;
+                    }
+                    Command::Flush(done) => flush_waiters.push(done),
+                    Command::Forward(sub) => {
+                        let hub = sub.hub().clone();
+                        self.sub = Some(Forwarding {
+                            sub,
+                            policy: hub.policy(),
+                            lag_notice: hub.config().lag_notice.clone(),
+                        });
+                    }
+                    Command::Settings => self.ping.apply(self.shared.settings()),
+                }
+            } else if let Some(result) = forwarded.take() {
+                self.forward(result).await?;
+                written += 1;
+            }
+            if written >= self.max_batch {
+                break;
+            }
+            // Take what is already waiting: the handler's queue first, then the hub.
+            if let Ok(cmd) = self.commands.try_recv() {
+                command = Some(cmd);
+                continue;
+            }
+            match self.sub.as_mut().map(|f| f.sub.try_recv()) {
+                Some(Ok(msg)) => forwarded = Some(Ok(msg)),
+                Some(Err(TryRecvError::Lagged(n))) => forwarded = Some(Err(RecvError::Lagged(n))),
+                Some(Err(TryRecvError::Closed)) => forwarded = Some(Err(RecvError::Closed)),
+                Some(Err(TryRecvError::Empty)) | None => break,
+            }
+        }
+        self.flush().await?;
+        for done in flush_waiters {
+            let _ = done.send(());
+        }
+        Ok(())
+    }
+
+    /// Applies the policy to one result from the hub.
+    async fn forward(&mut self, result: Result<Message, RecvError>) -> Result<(), Stop> {
+        let Some(fwd) = self.sub.as_ref() else {
+            return Ok(());
+        };
+        match result {
+            Ok(msg) => self.write(msg).await,
+            Err(RecvError::Lagged(skipped)) => match fwd.policy.on_lag() {
+                OnLag::SkipAhead => {
+                    tracing::debug!(
+                        session = self.shared.id,
+                        skipped,
+                        "subscriber lagged; skipping ahead"
+                    );
+                    match fwd.lag_notice.as_ref().map(|notice| notice(skipped)) {
+                        Some(notice) => self.write(notice).await,
+                        None => Ok(()),
+                    }
+                }
+                OnLag::Disconnect => {
+                    tracing::debug!(
+                        session = self.shared.id,
+                        skipped,
+                        "subscriber lagged; disconnecting"
+                    );
+                    fwd.sub.hub().record_disconnect();
+                    Err(Stop::Close(CloseRequest {
+                        reason: close_reason(
+                            CloseCode::Again,
+                            format!("lagged behind the hub by {skipped} messages"),
+                        ),
+                        handshake: true,
+                        drain_hub: false,
+                    }))
+                }
+            },
+            Err(RecvError::Closed) => Err(Stop::Close(CloseRequest {
+                reason: close_reason(CloseCode::Away, "hub closed"),
+                handshake: true,
+                drain_hub: false,
+            })),
+        }
+    }
+
+    async fn send_ping(&mut self) -> Result<(), Stop> {
+        self.ping.sent += 1;
+        if self.ping.deadline.is_none() {
+            self.ping.pongs_at_ping = self.shared.pongs.load(Ordering::Relaxed);
+            self.ping.deadline = Some(Instant::now() + self.shared.settings().timeout);
+        }
+        let payload = Bytes::copy_from_slice(&self.ping.sent.to_be_bytes());
+        self.write(Message::Ping(payload)).await?;
+        self.flush().await
+    }
+
+    /// Feeds one message, giving up after `send_timeout` without progress.
+    async fn write(&mut self, msg: Message) -> Result<(), Stop> {
+        match timeout(self.send_timeout, self.sink.feed(msg)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(self.broken(err)),
+            Err(_) => Err(self.stuck()),
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), Stop> {
+        match timeout(self.send_timeout, self.sink.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(self.broken(err)),
+            Err(_) => Err(self.stuck()),
+        }
+    }
+
+    fn broken(&self, err: WsError) -> Stop {
+        tracing::debug!(session = self.shared.id, error = %err, "write failed");
+        match err {
+            WsError::ConnectionClosed | WsError::AlreadyClosed => Stop::Kill,
+            err => Stop::Broken(abnormal(&err.to_string())),
+        }
+    }
+
+    /// The client accepted nothing for `send_timeout`: free its place in the hub.
+    fn stuck(&mut self) -> Stop {
+        tracing::debug!(
+            session = self.shared.id,
+            "send timed out; closing slow client"
+        );
+        if let Some(fwd) = self.sub.take() {
+            fwd.sub.hub().record_disconnect();
+        }
+        Stop::Close(CloseRequest {
+            reason: close_reason(CloseCode::Again, "send timeout"),
+            handshake: false,
+            drain_hub: false,
+        })
+    }
+
+    /// Performs a close: queued data, then the Close frame, then (for a
+    /// handshake) the client's answer.
+    async fn close(&mut self, request: CloseRequest) {
+        self.shared.set_reason(request.reason.clone());
+        let deadline = Instant::now() + self.close_timeout;
+        let mut pending = Vec::new();
+        while let Ok(command) = self.commands.try_recv() {
+            if let Command::Send(msg) = command {
+                pending.push(msg);
+            }
+        }
+        if request.drain_hub {
+            if let Some(fwd) = self.sub.as_mut() {
+                while let Ok(msg) = fwd.sub.try_recv() {
+                    pending.push(msg);
+                }
+            }
+        }
+        // Free the hub slot before a possibly slow final write.
+        self.sub = None;
+        let reason = request.reason;
+        let send_close = async {
+            for msg in pending {
+                self.sink.feed(msg).await?;
+            }
+            self.sink.send(Message::Close(Some(reason))).await
+        };
+        match tokio::time::timeout_at(deadline, send_close).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                tracing::debug!(session = self.shared.id, error = %err, "close frame not written");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(session = self.shared.id, "close frame not written in time");
+                return;
+            }
+        }
+        if !request.handshake {
+            return;
+        }
+        // Wait for the client's Close frame: the session's reader sees it and
+        // cancels `kill`; if the session is gone, read it here.
+        loop {
+            if self.shared.reader_gone.load(Ordering::Acquire) {
+                let drain = async { while let Some(Ok(_)) = self.sink.next().await {} };
+                let _ = tokio::time::timeout_at(deadline, drain).await;
+                return;
+            }
+            tokio::select! {
+                _ = self.shared.kill.cancelled() => return,
+                _ = sleep_until(deadline) => return,
+                _ = self.shared.wake.notified() => {}
+            }
+        }
+    }
+}
+
+async fn recv_forwarded(sub: &mut Option<Forwarding>) -> Result<Message, RecvError> {
+    match sub {
+        Some(fwd) => fwd.sub.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_errors_map_to_rfc_close_codes() {
+        let too_big = WsError::Capacity(CapacityError::MessageTooLong {
+            size: 10,
+            max_size: 5,
+        });
+        assert_eq!(close_code_for(&too_big).unwrap().code, CloseCode::Size);
+        let bad_rsv = WsError::Protocol(ProtocolError::NonZeroReservedBits);
+        assert_eq!(close_code_for(&bad_rsv).unwrap().code, CloseCode::Protocol);
+        let reset = WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake);
+        assert!(close_code_for(&reset).is_none());
+        let io = WsError::Io(std::io::Error::other("boom"));
+        assert!(close_code_for(&io).is_none());
+    }
+
+    #[test]
+    fn close_reasons_fit_a_control_frame() {
+        let long = WsError::Protocol(ProtocolError::CustomResponseSuccessful);
+        let reason = close_code_for(&long).unwrap();
+        assert!(reason.reason.len() <= 123);
+    }
+}
