@@ -41,13 +41,16 @@ pub struct Config {
     ///
     /// Default: 15 s (Ktor's default).
     pub timeout: Duration,
-    /// How long one write to a client may make no progress before the session
-    /// is closed with 1013 "send timeout" and its subscription freed.
+    /// How long a client's socket may accept no bytes at all, while the
+    /// session has something to write, before the session is closed with 1013
+    /// "send timeout" and its subscription freed.
     ///
     /// Default: 5 s. This bounds what one stuck client can cost the hub: under
     /// [`Policy::Suspend`] every publisher waits at most this long for it.
     /// Longer values are kinder to clients on bad networks and harsher on
-    /// everyone else.
+    /// everyone else. A client that keeps reading, however slowly, is never
+    /// cut off by it. The stuck client itself rarely sees the 1013: its socket
+    /// is full, so it usually sees the connection end.
     pub send_timeout: Duration,
     /// How long to wait for the client's answer to a Close frame before the
     /// TCP connection is dropped.
@@ -188,8 +191,16 @@ impl Config {
         self
     }
 
-    /// The tungstenite configuration these options imply.
-    pub(crate) fn websocket_config(&self) -> WebSocketConfig {
+    /// The tungstenite configuration these options imply: buffer sizes and
+    /// limits. Pass it when you upgrade a connection yourself and then
+    /// [`Session::attach`](crate::Session::attach) it, so the limits match.
+    ///
+    /// ```
+    /// let ws_config = wshub::Config::default().max_message_size(Some(4096)).websocket_config();
+    /// assert_eq!(ws_config.max_message_size, Some(4096));
+    /// assert_eq!(ws_config.max_frame_size, Some(4096));
+    /// ```
+    pub fn websocket_config(&self) -> WebSocketConfig {
         // A frame can never be larger than the message it belongs to.
         let max_frame = match (self.max_frame_size, self.max_message_size) {
             (Some(f), Some(m)) => Some(f.min(m)),

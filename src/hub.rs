@@ -452,6 +452,7 @@ impl fmt::Debug for Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::Bytes;
 
     fn hub(capacity: usize, policy: Policy) -> Hub {
         Hub::with_config(HubConfig::default().capacity(capacity).policy(policy)).unwrap()

@@ -63,7 +63,7 @@ pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Message, Error> {
 /// line and column; [`Error::UnexpectedMessage`] for a control frame.
 ///
 /// ```
-/// #[derive(serde::Deserialize)]
+/// #[derive(Debug, serde::Deserialize)]
 /// struct Chat { text: String }
 /// let chat: Chat = wshub::from_json(&wshub::Message::text(r#"{"text":"hi"}"#)).unwrap();
 /// assert_eq!(chat.text, "hi");

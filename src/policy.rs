@@ -33,13 +33,18 @@ pub enum Policy {
     /// Publishers never wait and the publish reports
     /// [`Published::Dropped`](crate::Published::Dropped). Because the buffer is
     /// shared, a discarded message is lost for every subscriber, not only the
-    /// slow one; the count is `dropped`.
+    /// slow one; the count is `dropped`. A client whose socket accepts nothing
+    /// keeps the buffer full until [`Config::send_timeout`](crate::Config::send_timeout)
+    /// closes it, and new messages are dropped for that long.
     DropLatest,
     /// A subscriber that falls behind by a full buffer is closed with 1013
     /// (Try Again Later), the way uWebSockets and Centrifugo treat slow consumers.
     ///
     /// Publishers never wait and fast subscribers lose nothing; the slow client
-    /// is told why and may reconnect. The count is `disconnected`.
+    /// is told why and may reconnect. The count is `disconnected`. The lag is
+    /// noticed when the session next takes from the hub; a client whose socket
+    /// accepts nothing at all is closed by
+    /// [`Config::send_timeout`](crate::Config::send_timeout) first.
     Disconnect,
 }
 

@@ -25,9 +25,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -74,7 +72,7 @@ type HandlerResult = Option<String>;
 pub struct Rejection {
     status: StatusCode,
     body: String,
-    headers: HeaderMap,
+    headers: Vec<(header::HeaderName, HeaderValue)>,
 }
 
 impl Rejection {
@@ -83,7 +81,7 @@ impl Rejection {
         Rejection {
             status,
             body: body.into(),
-            headers: HeaderMap::new(),
+            headers: Vec::new(),
         }
     }
 
@@ -100,7 +98,7 @@ impl Rejection {
     /// Adds a response header.
     #[must_use]
     pub fn header(mut self, name: header::HeaderName, value: HeaderValue) -> Rejection {
-        self.headers.insert(name, value);
+        self.headers.push((name, value));
         self
     }
 
@@ -121,7 +119,9 @@ impl Rejection {
         }
         let mut response = http::Response::new(Full::new(Bytes::from(body)));
         *response.status_mut() = self.status;
-        *response.headers_mut() = self.headers;
+        response
+            .headers_mut()
+            .extend(self.headers.into_iter().map(|(k, v)| (Some(k), v)));
         response.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
@@ -509,12 +509,8 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, app: Arc<Server>, stop: Ca
             return;
         }
     };
-    let ws_config = accepted.config.websocket_config();
-    let ws =
-        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config))
-            .await;
-    let (session, send_task) = Session::start(
-        ws,
+    let (session, send_task) = Session::start_upgraded(
+        TokioIo::new(upgraded),
         Setup {
             config: accepted.config,
             request: accepted.request,
@@ -522,7 +518,8 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, app: Arc<Server>, stop: Ca
             shutdown: stop,
             managed: true,
         },
-    );
+    )
+    .await;
     let out = session.outgoing();
     let _guard = out.kill_on_drop();
     let id = session.id();
@@ -589,7 +586,11 @@ mod tests {
         let v8 = [GOOD[0], GOOD[1], ("sec-websocket-version", "8"), GOOD[3]];
         let err = check_upgrade(&Method::GET, Version::HTTP_11, &headers(&v8)).unwrap_err();
         assert_eq!(err.status(), StatusCode::UPGRADE_REQUIRED);
-        assert_eq!(err.headers.get("sec-websocket-version").unwrap(), "13");
+        assert!(
+            err.headers
+                .iter()
+                .any(|(k, v)| k == "sec-websocket-version" && v == "13")
+        );
         let short_key = [GOOD[0], GOOD[1], GOOD[2], ("sec-websocket-key", "c2hvcnQ=")];
         assert_eq!(
             status(&Method::GET, Version::HTTP_11, &short_key),

@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use futures_util::{SinkExt, Stream, StreamExt};
+use futures_util::stream::BoxStream;
+use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -23,6 +24,7 @@ use tokio::time::{Instant, Interval, MissedTickBehavior, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
+use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, LagNotice};
@@ -31,7 +33,7 @@ use crate::hub::{RecvError, Subscription, TryRecvError};
 use crate::message::{self, Bytes, CloseCode, CloseReason, Message, close_reason};
 use crate::policy::{OnLag, Policy};
 use crate::request::Request;
-use crate::transport::Transport;
+use crate::transport::{Meter, Metered, Transport};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -189,7 +191,10 @@ impl Session {
     ///
     /// Only the send-side options of `config` apply (timeouts, ping, batch and
     /// queue sizes); frame and message limits belong to the `WebSocketStream`
-    /// you built, so pass the same limits there (see [`Config`]).
+    /// you built, so build it with [`Config::websocket_config`]. wshub cannot
+    /// count the bytes of a stream it did not build, so here
+    /// [`Config::send_timeout`] bounds each whole write; use
+    /// [`from_upgraded`](Self::from_upgraded) when you have the raw connection.
     ///
     /// # Panics
     ///
@@ -199,8 +204,9 @@ impl Session {
     /// # async fn demo(tcp: tokio::net::TcpStream) -> Result<(), Box<dyn std::error::Error>> {
     /// use wshub::{Config, Hub, Request, Session};
     /// let hub = Hub::new();
-    /// let ws = tokio_tungstenite::accept_async(tcp).await?;
-    /// let mut session = Session::attach(ws, Request::unknown(), &Config::default());
+    /// let config = Config::default();
+    /// let ws = tokio_tungstenite::accept_async_with_config(tcp, Some(config.websocket_config())).await?;
+    /// let mut session = Session::attach(ws, Request::unknown(), &config);
     /// let reason = session.join(hub.subscribe()).await;
     /// println!("closed: {reason}");
     /// # Ok(()) }
@@ -211,6 +217,7 @@ impl Session {
     {
         let (session, _send_task) = Session::start(
             ws,
+            None,
             Setup {
                 config: config.clone(),
                 request,
@@ -222,12 +229,53 @@ impl Session {
         session
     }
 
-    /// Starts a session and its send task.
-    pub(crate) fn start<S>(ws: WebSocketStream<S>, setup: Setup) -> (Session, JoinHandle<()>)
+    /// Starts a session on a connection your own HTTP server has already
+    /// answered with `101 Switching Protocols` (for example hyper's
+    /// `Upgraded`, wrapped in `TokioIo`), applying every option of `config`.
+    ///
+    /// Prefer this to [`attach`](Self::attach) when you hold the raw
+    /// connection: wshub then counts the bytes the socket accepts, so
+    /// [`Config::send_timeout`] closes only a client that takes nothing at all,
+    /// never one that is slowly reading a large message.
+    ///
+    /// # Panics
+    ///
+    /// If called outside a tokio runtime.
+    pub async fn from_upgraded<S>(io: S, request: Request, config: &Config) -> Session
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (reader, writer) = Transport::pair(ws);
+        let setup = Setup {
+            config: config.clone(),
+            request,
+            raw: false,
+            shutdown: CancellationToken::new(),
+            managed: false,
+        };
+        Session::start_upgraded(io, setup).await.0
+    }
+
+    /// Builds the WebSocket stream over a metered connection and starts the session.
+    pub(crate) async fn start_upgraded<S>(io: S, setup: Setup) -> (Session, JoinHandle<()>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (io, meter) = Metered::new(io);
+        let ws_config = setup.config.websocket_config();
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config)).await;
+        Session::start(ws, Some(meter), setup)
+    }
+
+    /// Starts a session and its send task.
+    fn start<S>(
+        ws: WebSocketStream<S>,
+        meter: Option<Meter>,
+        setup: Setup,
+    ) -> (Session, JoinHandle<()>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (reader, writer) = Transport::pair(ws, meter);
         let config = setup.config;
         let shared = Arc::new(Shared {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -366,11 +414,12 @@ impl Session {
     /// }
     /// # }
     /// ```
-    pub fn incoming(&mut self) -> impl Stream<Item = Message> + Send + '_ {
+    pub fn incoming(&mut self) -> BoxStream<'_, Message> {
         futures_util::stream::unfold(self, |session| async move {
             let msg = session.recv().await?;
             Some((msg, session))
         })
+        .boxed()
     }
 
     /// The stream ended: record the reason and stop the send task.
@@ -1004,18 +1053,21 @@ impl SendTask {
 
     /// Feeds one message, giving up after `send_timeout` without progress.
     async fn write(&mut self, msg: Message) -> Result<(), Stop> {
-        match timeout(self.send_timeout, self.sink.feed(msg)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(err)) => Err(self.broken(err)),
-            Err(_) => Err(self.stuck()),
+        let meter = self.sink.meter();
+        match until_stuck(self.send_timeout, meter, self.sink.feed(msg)).await {
+            Some(Ok(())) => Ok(()),
+            Some(Err(err)) => Err(self.broken(err)),
+            None => Err(self.stuck()),
         }
     }
 
+    /// Flushes, giving up after `send_timeout` without progress.
     async fn flush(&mut self) -> Result<(), Stop> {
-        match timeout(self.send_timeout, self.sink.flush()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(err)) => Err(self.broken(err)),
-            Err(_) => Err(self.stuck()),
+        let meter = self.sink.meter();
+        match until_stuck(self.send_timeout, meter, self.sink.flush()).await {
+            Some(Ok(())) => Ok(()),
+            Some(Err(err)) => Err(self.broken(err)),
+            None => Err(self.stuck()),
         }
     }
 
@@ -1096,6 +1148,30 @@ impl SendTask {
                 _ = self.shared.kill.cancelled() => return,
                 _ = sleep_until(deadline) => return,
                 _ = self.shared.wake.notified() => {}
+            }
+        }
+    }
+}
+
+/// Runs `write` until it finishes, or until `patience` passes without the
+/// socket accepting a byte (`None`). Without a meter, progress cannot be seen
+/// and `patience` bounds the whole write.
+async fn until_stuck<F: std::future::Future>(
+    patience: Duration,
+    meter: Option<Meter>,
+    write: F,
+) -> Option<F::Output> {
+    tokio::pin!(write);
+    let mut seen = meter.as_ref().map(Meter::written);
+    loop {
+        match timeout(patience, &mut write).await {
+            Ok(output) => return Some(output),
+            Err(_) => {
+                let now = meter.as_ref().map(Meter::written);
+                if now.is_none() || now == seen {
+                    return None;
+                }
+                seen = now;
             }
         }
     }

@@ -5,12 +5,14 @@
 //! an `.await`. Erasing the stream type keeps [`Session`](crate::Session)
 //! non-generic, so handlers are plain `async fn(Session)` whatever the socket.
 
+use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use futures_util::{Sink, Stream};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Error as WsError;
 
@@ -49,16 +51,31 @@ where
 /// One half of a shared WebSocket stream. [`Transport::pair`] makes two.
 pub(crate) struct Transport {
     io: Arc<Mutex<dyn WsIo>>,
+    meter: Option<Meter>,
 }
 
 impl Transport {
     /// Splits a WebSocket stream into a reading half and a writing half.
-    pub(crate) fn pair<S>(ws: WebSocketStream<S>) -> (Transport, Transport)
+    ///
+    /// `meter` counts the bytes the socket accepted, when the stream was built
+    /// over a [`Metered`] connection.
+    pub(crate) fn pair<S>(ws: WebSocketStream<S>, meter: Option<Meter>) -> (Transport, Transport)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let io: Arc<Mutex<dyn WsIo>> = Arc::new(Mutex::new(ws));
-        (Transport { io: io.clone() }, Transport { io })
+        (
+            Transport {
+                io: io.clone(),
+                meter: meter.clone(),
+            },
+            Transport { io, meter },
+        )
+    }
+
+    /// The byte counter of the connection, if it is metered.
+    pub(crate) fn meter(&self) -> Option<Meter> {
+        self.meter.clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, dyn WsIo + 'static> {
@@ -94,5 +111,85 @@ impl Sink<Message> for Transport {
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
         // The session sends its own Close frame; closing the sink only flushes.
         self.lock().poll_flush(cx)
+    }
+}
+
+/// Counts the bytes a connection's socket has accepted, so the send task can
+/// tell a slow client that still makes progress from a stuck one.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Meter(Arc<AtomicU64>);
+
+impl Meter {
+    /// Bytes written so far.
+    pub(crate) fn written(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A connection whose writes are counted by a [`Meter`].
+#[derive(Debug)]
+pub(crate) struct Metered<S> {
+    inner: S,
+    meter: Meter,
+}
+
+impl<S> Metered<S> {
+    pub(crate) fn new(inner: S) -> (Metered<S>, Meter) {
+        let meter = Meter::default();
+        (
+            Metered {
+                inner,
+                meter: meter.clone(),
+            },
+            meter,
+        )
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = result {
+            self.meter.0.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = result {
+            self.meter.0.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -1,0 +1,61 @@
+//! The hub alone, without sockets: one publish delivered to N subscribers.
+//!
+//! ```text
+//! cargo bench --bench hub
+//! cargo bench --bench hub -- "hub/1 -> 1000"
+//! ```
+//!
+//! Each iteration publishes one 64-byte text message and has every subscriber
+//! take it. `wshub` shares one Bytes-backed payload; the `broadcast-string`
+//! baseline is the axum chat pattern (`tokio::sync::broadcast<String>`, each
+//! subscriber turning the string into its own frame). Throughput is in
+//! deliveries, so the two lines compare directly.
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use std::hint::black_box;
+use wshub::{Hub, HubConfig, Message, Policy, Published};
+
+const PAYLOAD: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+fn fan_out(c: &mut Criterion) {
+    let mut group = c.benchmark_group("hub");
+    for subscribers in [1usize, 10, 100, 1000] {
+        group.throughput(Throughput::Elements(subscribers as u64));
+
+        let hub = Hub::with_config(HubConfig::default().capacity(16).policy(Policy::DropOldest))
+            .expect("capacity is not zero");
+        let mut subs: Vec<_> = (0..subscribers).map(|_| hub.subscribe()).collect();
+        let msg = Message::text(PAYLOAD);
+        group.bench_function(
+            BenchmarkId::new("wshub", format!("1 -> {subscribers}")),
+            |b| {
+                b.iter(|| {
+                    assert_eq!(hub.try_publish(msg.clone()), Ok(Published::Queued));
+                    for sub in &mut subs {
+                        black_box(sub.try_recv().expect("one message per publish"));
+                    }
+                })
+            },
+        );
+
+        let (tx, _keep) = tokio::sync::broadcast::channel::<String>(16);
+        let mut rxs: Vec<_> = (0..subscribers).map(|_| tx.subscribe()).collect();
+        group.bench_function(
+            BenchmarkId::new("broadcast-string", format!("1 -> {subscribers}")),
+            |b| {
+                b.iter(|| {
+                    tx.send(PAYLOAD.to_owned()).expect("receivers exist");
+                    for rx in &mut rxs {
+                        let text = rx.try_recv().expect("one message per send");
+                        // The axum pattern builds one frame per subscriber from the string.
+                        black_box(Message::text(text));
+                    }
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, fan_out);
+criterion_main!(benches);
