@@ -14,6 +14,11 @@ pub enum Error {
     /// received. Carries the close reason when one is known. Fatal for the session.
     #[error("session closed{}", .0.as_ref().map(|r| format!(" ({} {})", u16::from(r.code), r.reason)).unwrap_or_default())]
     Closed(Option<CloseReason>),
+    /// The session's outgoing queue ([`Config::outgoing_capacity`](crate::Config::outgoing_capacity))
+    /// is full, so a non-waiting send could not queue the message; it is handed
+    /// back. The session stays open: wait, or use the waiting `send`.
+    #[error("the session's outgoing queue is full")]
+    QueueFull(Box<crate::message::Message>),
     /// A payload was not valid JSON for the expected type, or a value could
     /// not be serialized. The session stays open.
     #[error("invalid JSON: {0}")]

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, LagNotice};
 use crate::error::Error;
 use crate::hub::{RecvError, Subscription, TryRecvError};
-use crate::message::{self, Bytes, CloseCode, CloseReason, Message, close_reason};
+use crate::message::{self, Bytes, CloseCode, CloseReason, Message, Utf8Bytes, close_reason};
 use crate::policy::{OnLag, Policy};
 use crate::request::Request;
 use crate::transport::{Meter, Metered, Transport};
@@ -109,7 +109,6 @@ enum Command {
     Send(Message),
     Flush(oneshot::Sender<()>),
     Forward(Subscription),
-    Settings,
 }
 
 impl Shared {
@@ -122,7 +121,8 @@ impl Shared {
         let _ = self.reason.set(reason);
     }
 
-    fn request_close(&self, request: CloseRequest) {
+    fn request_close(&self, mut request: CloseRequest) {
+        request.reason = fit_control_frame(request.reason);
         self.set_reason(request.reason.clone());
         let mut slot = self.close_request.lock().unwrap_or_else(|p| p.into_inner());
         slot.get_or_insert(request);
@@ -161,16 +161,24 @@ fn close_code_for(err: &WsError) -> Option<CloseReason> {
         WsError::Protocol(_) => CloseCode::Protocol,
         _ => return None,
     };
-    // Close reasons must fit a control frame (123 bytes after the code).
-    let mut text = err.to_string();
-    if text.len() > 120 {
-        let mut end = 120;
+    Some(close_reason(code, err.to_string()))
+}
+
+/// The longest close reason a Close frame can carry: 125 payload bytes minus
+/// the 2-byte code (RFC 6455 §5.5).
+const MAX_CLOSE_REASON: usize = 123;
+
+/// Cuts a close reason to what fits in a control frame, at a character boundary.
+fn fit_control_frame(mut reason: CloseReason) -> CloseReason {
+    if reason.reason.len() > MAX_CLOSE_REASON {
+        let text = reason.reason.as_str();
+        let mut end = MAX_CLOSE_REASON;
         while !text.is_char_boundary(end) {
             end -= 1;
         }
-        text.truncate(end);
+        reason.reason = Utf8Bytes::from(text[..end].to_owned());
     }
-    Some(close_reason(code, text))
+    reason
 }
 
 /// Options the send task needs, fixed when the session starts.
@@ -446,9 +454,8 @@ impl Session {
     ///
     /// # Errors
     ///
-    /// [`Error::Closed`] once the session is closing; [`Error::WebSocket`] with
-    /// a `WriteBufferFull` error when the outgoing queue is full (the message is
-    /// in it).
+    /// [`Error::Closed`] once the session is closing; [`Error::QueueFull`]
+    /// (handing the message back) when the outgoing queue is full.
     pub fn try_send(&self, msg: impl Into<Message>) -> Result<(), Error> {
         self.out.try_send(msg)
     }
@@ -577,9 +584,9 @@ impl Session {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()),
         );
-        // If the queue is full the send task is busy and will see the new
-        // settings at its next ping; a lost wake-up costs nothing.
-        let _ = self.out.commands.try_send(Command::Settings);
+        // The wake-up bypasses the outgoing queue, so it works even when the
+        // queue is full; the send task re-reads the settings on every wake.
+        self.out.shared.wake.notify_one();
     }
 
     /// Runs the SharedFlow pattern: every text or binary message the client
@@ -672,14 +679,9 @@ impl Outgoing {
     ///
     /// [`Error::Closed`] once the session is closing or closed.
     pub async fn send(&self, msg: impl Into<Message>) -> Result<(), Error> {
-        let msg = msg.into();
-        if let Message::Close(frame) = msg {
-            self.close(frame.unwrap_or_else(|| close_reason(CloseCode::Normal, "")));
+        let Some(msg) = self.admit(msg.into())? else {
             return Ok(());
-        }
-        if self.is_closed() {
-            return Err(self.shared.closed_error());
-        }
+        };
         self.commands
             .send(Command::Send(msg))
             .await
@@ -690,24 +692,32 @@ impl Outgoing {
     ///
     /// # Errors
     ///
-    /// [`Error::Closed`] once the session is closing; [`Error::WebSocket`]
-    /// (`WriteBufferFull`, carrying the message) when the queue is full.
+    /// [`Error::Closed`] once the session is closing; [`Error::QueueFull`]
+    /// (handing the message back) when the outgoing queue is full.
     pub fn try_send(&self, msg: impl Into<Message>) -> Result<(), Error> {
-        let msg = msg.into();
+        let Some(msg) = self.admit(msg.into())? else {
+            return Ok(());
+        };
+        match self.commands.try_send(Command::Send(msg)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(Command::Send(msg))) => {
+                Err(Error::QueueFull(Box::new(msg)))
+            }
+            Err(_) => Err(self.shared.closed_error()),
+        }
+    }
+
+    /// Checks a message before it is queued: a Close frame starts the closing
+    /// handshake instead (`None`), and nothing is queued once the session closes.
+    fn admit(&self, msg: Message) -> Result<Option<Message>, Error> {
         if let Message::Close(frame) = msg {
             self.close(frame.unwrap_or_else(|| close_reason(CloseCode::Normal, "")));
-            return Ok(());
+            return Ok(None);
         }
         if self.is_closed() {
             return Err(self.shared.closed_error());
         }
-        match self.commands.try_send(Command::Send(msg)) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(Command::Send(msg))) => {
-                Err(Error::WebSocket(WsError::WriteBufferFull(Box::new(msg))))
-            }
-            Err(_) => Err(self.shared.closed_error()),
-        }
+        Ok(Some(msg))
     }
 
     /// Serializes `value` to JSON and queues it as a text message.
@@ -868,6 +878,17 @@ struct Forwarding {
     lag_notice: Option<LagNotice>,
 }
 
+impl Forwarding {
+    fn new(sub: Subscription) -> Forwarding {
+        let config = sub.hub().config();
+        Forwarding {
+            policy: config.policy,
+            lag_notice: config.lag_notice.clone(),
+            sub,
+        }
+    }
+}
+
 impl SendTask {
     async fn run(mut self) {
         let stop = self.serve().await;
@@ -897,6 +918,7 @@ impl SendTask {
                     if let Some(request) = self.shared.take_close_request() {
                         return Stop::Close(request);
                     }
+                    self.ping.apply(self.shared.settings());
                 }
                 _ = self.shutdown.cancelled() => {
                     return Stop::Close(CloseRequest {
@@ -960,15 +982,7 @@ impl SendTask {
                         written += 1;
                     }
                     Command::Flush(done) => flush_waiters.push(done),
-                    Command::Forward(sub) => {
-                        let hub = sub.hub().clone();
-                        self.sub = Some(Forwarding {
-                            sub,
-                            policy: hub.policy(),
-                            lag_notice: hub.config().lag_notice.clone(),
-                        });
-                    }
-                    Command::Settings => self.ping.apply(self.shared.settings()),
+                    Command::Forward(sub) => self.sub = Some(Forwarding::new(sub)),
                 }
             } else if let Some(result) = forwarded.take() {
                 self.forward(result).await?;
@@ -1099,11 +1113,14 @@ impl SendTask {
     /// handshake) the client's answer.
     async fn close(&mut self, request: CloseRequest) {
         self.shared.set_reason(request.reason.clone());
-        let deadline = Instant::now() + self.close_timeout;
         let mut pending = Vec::new();
+        let mut flush_waiters = Vec::new();
         while let Ok(command) = self.commands.try_recv() {
-            if let Command::Send(msg) = command {
-                pending.push(msg);
+            match command {
+                Command::Send(msg) => pending.push(msg),
+                // A join queued behind other sends: its hub messages count too.
+                Command::Forward(sub) => self.sub = Some(Forwarding::new(sub)),
+                Command::Flush(done) => flush_waiters.push(done),
             }
         }
         if request.drain_hub {
@@ -1116,28 +1133,36 @@ impl SendTask {
         // Free the hub slot before a possibly slow final write.
         self.sub = None;
         let reason = request.reason;
+        // A client that keeps reading gets everything queued before the Close
+        // frame (each write may stall for `send_timeout`); a failing connection
+        // gets `close_timeout` for all of it.
+        let handshake = request.handshake;
+        let close_timeout = self.close_timeout;
         let send_close = async {
             for msg in pending {
-                self.sink.feed(msg).await?;
+                self.write(msg).await?;
             }
-            self.sink.send(Message::Close(Some(reason))).await
+            self.write(Message::Close(Some(reason))).await?;
+            self.flush().await
         };
-        match tokio::time::timeout_at(deadline, send_close).await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => {
-                tracing::debug!(session = self.shared.id, error = %err, "close frame not written");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(session = self.shared.id, "close frame not written in time");
-                return;
-            }
+        let written = if handshake {
+            send_close.await.is_ok()
+        } else {
+            matches!(timeout(close_timeout, send_close).await, Ok(Ok(())))
+        };
+        for done in flush_waiters {
+            let _ = done.send(());
         }
-        if !request.handshake {
+        if !written {
+            tracing::debug!(session = self.shared.id, "close frame not written");
+            return;
+        }
+        if !handshake {
             return;
         }
         // Wait for the client's Close frame: the session's reader sees it and
         // cancels `kill`; if the session is gone, read it here.
+        let deadline = Instant::now() + close_timeout;
         loop {
             if self.shared.reader_gone.load(Ordering::Acquire) {
                 let drain = async { while let Some(Ok(_)) = self.sink.next().await {} };
@@ -1204,9 +1229,13 @@ mod tests {
     }
 
     #[test]
-    fn close_reasons_fit_a_control_frame() {
-        let long = WsError::Protocol(ProtocolError::CustomResponseSuccessful);
-        let reason = close_code_for(&long).unwrap();
-        assert!(reason.reason.len() <= 123);
+    fn close_reasons_are_cut_to_fit_a_control_frame() {
+        let long = close_reason(CloseCode::Normal, "é".repeat(100));
+        let cut = fit_control_frame(long);
+        assert!(cut.reason.len() <= MAX_CLOSE_REASON, "{}", cut.reason.len());
+        assert_eq!(cut.reason.len(), 122, "cut at a character boundary");
+        assert_eq!(cut.code, CloseCode::Normal);
+        let short = close_reason(CloseCode::Away, "bye");
+        assert_eq!(fit_control_frame(short.clone()), short);
     }
 }
