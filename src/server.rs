@@ -276,7 +276,8 @@ impl Server {
     ///
     /// Return `Err(Rejection)` to answer with that status instead (401/403 for
     /// auth, 403 for a foreign `Origin`), or adjust this connection's
-    /// [`Config`] (for example a larger `max_frame_size` for trusted clients).
+    /// [`Config`] (for example a larger `max_message_size` for trusted clients;
+    /// frames are limited to the smaller of the two limits).
     ///
     /// ```
     /// use wshub::{Rejection, Server};
