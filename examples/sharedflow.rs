@@ -80,7 +80,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let subscription = hub.subscribe();
                 session.send("You are connected to WebSocket!").await?;
                 let reason = session.join(subscription).await;
-                tracing::info!(session = session.id(), %reason, "left");
+                tracing::info!(
+                    session = session.id(),
+                    code = u16::from(reason.code),
+                    reason = %reason.reason,
+                    "left"
+                );
                 Ok::<_, wshub::Error>(())
             }
         })

@@ -440,6 +440,46 @@ impl Subscription {
     }
 }
 
+/// A subscription is also a stream of what [`recv`](Subscription::recv) returns:
+/// `Ok(message)`, or `Err(RecvError::Lagged(n))` where messages were skipped
+/// (async-broadcast's own `Stream` hides those gaps; this one reports and
+/// counts them). The stream ends when the hub is closed and drained.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use tokio_stream::StreamExt;
+/// use wshub::{Hub, HubConfig, Message, Policy, RecvError};
+///
+/// let hub = Hub::with_config(HubConfig::default().capacity(2).policy(Policy::DropOldest)).unwrap();
+/// let sub = hub.subscribe();
+/// for text in ["a", "b", "c"] {
+///     let _ = hub.publish(Message::text(text)).await.unwrap();
+/// }
+/// hub.close();
+/// let seen: Vec<_> = sub.collect().await;
+/// assert_eq!(seen, [Err(RecvError::Lagged(1)), Ok(Message::text("b")), Ok(Message::text("c"))]);
+/// # }
+/// ```
+impl futures_util::Stream for Subscription {
+    type Item = Result<Message, RecvError>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::pin::Pin::new(&mut self.rx).poll_recv(cx).map(|item| {
+            item.map(|result| match result {
+                Ok(msg) => Ok(msg),
+                Err(async_broadcast::RecvError::Overflowed(n)) => {
+                    Err(RecvError::Lagged(self.lag(n)))
+                }
+                // poll_recv reports a closed channel as the end of the stream.
+                Err(async_broadcast::RecvError::Closed) => Err(RecvError::Closed),
+            })
+        })
+    }
+}
+
 impl fmt::Debug for Subscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Subscription")
