@@ -1,22 +1,11 @@
 //! Ktor's SharedFlow sample test, ported: two clients are both greeted and each
 //! receives both messages, in order.
 
+mod common;
+
+use common::{GREETING, sharedflow};
+use wshub::Hub;
 use wshub::testing::TestServer;
-use wshub::{Hub, Server};
-
-const GREETING: &str = "You are connected to WebSocket!";
-
-fn sharedflow(hub: Hub) -> Server {
-    Server::new().route("/ws", move |mut session| {
-        let hub = hub.clone();
-        async move {
-            let subscription = hub.subscribe();
-            session.send(GREETING).await?;
-            session.join(subscription).await;
-            Ok::<_, wshub::Error>(())
-        }
-    })
-}
 
 #[tokio::test]
 async fn two_clients_are_greeted_and_receive_both_messages_in_order() {
@@ -34,5 +23,8 @@ async fn two_clients_are_greeted_and_receive_both_messages_in_order() {
     for client in [&mut first, &mut second] {
         client.expect_text("World").await;
     }
+    // Leaving the conversation closes each client, as Ktor's `client.webSocket` block does.
+    first.close(None).await;
+    second.close(None).await;
     server.shutdown().await;
 }

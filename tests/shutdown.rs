@@ -6,6 +6,9 @@
 //! The tests run `serve` themselves (not through `TestServer`) so they can
 //! trigger the shutdown future and time how long `serve` takes to return.
 
+mod common;
+
+use common::{GREETING, sharedflow};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -21,8 +24,6 @@ use wshub::{CloseReason, Config, Hub, Message, Published, Server, Session};
 
 /// How long any single step may take before the test fails.
 const WAIT: Duration = Duration::from_secs(5);
-
-const GREETING: &str = "You are connected to WebSocket!";
 
 type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -81,19 +82,6 @@ impl Running {
             .expect("upgrade");
         ws
     }
-}
-
-/// Ktor's SharedFlow route at `/ws`: greet, then join the hub.
-fn sharedflow(hub: Hub) -> Server {
-    Server::new().route("/ws", move |mut session| {
-        let hub = hub.clone();
-        async move {
-            let subscription = hub.subscribe();
-            session.send(GREETING).await?;
-            session.join(subscription).await;
-            Ok::<_, wshub::Error>(())
-        }
-    })
 }
 
 /// The next text message; panics on anything else.

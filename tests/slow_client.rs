@@ -270,6 +270,37 @@ fn numbers_of(messages: &[Message]) -> Vec<u64> {
     messages.iter().map(number).collect()
 }
 
+/// The scene of the policy tests: a server joining sessions to `hub`, two
+/// fast clients, and a slow client that is subscribed but read by nobody.
+struct Scene {
+    server: TestServer,
+    sessions: Sessions,
+    fast: [Fast; 2],
+    slow: SlowClient,
+    /// The id of the slow client's session.
+    slow_id: u64,
+}
+
+impl Scene {
+    async fn start(hub: &Hub, config: Config) -> Scene {
+        let (server, mut sessions) = hub_server(hub, config);
+        let server = TestServer::start(server).await;
+        let fast = [
+            fast_client(&server, &mut sessions).await,
+            fast_client(&server, &mut sessions).await,
+        ];
+        let slow = slow_client(server.addr()).await;
+        let slow_id = sessions.joined().await.session_id();
+        Scene {
+            server,
+            sessions,
+            fast,
+            slow,
+            slow_id,
+        }
+    }
+}
+
 /// Publishes message `i`; if it was queued, waits until every fast client
 /// has received it. This keeps the fast clients within one message of the
 /// publisher, so only the slow client can fall behind.
@@ -338,14 +369,13 @@ impl SmallBufferServer {
 async fn suspend_holds_publishers_back_until_the_slow_client_times_out() {
     let send_timeout = Duration::from_millis(500);
     let hub = hub(Policy::Suspend);
-    let (server, mut sessions) = hub_server(&hub, config(send_timeout));
-    let server = TestServer::start(server).await;
-    let mut fast = [
-        fast_client(&server, &mut sessions).await,
-        fast_client(&server, &mut sessions).await,
-    ];
-    let mut slow = slow_client(server.addr()).await;
-    let slow_id = sessions.joined().await.session_id();
+    let Scene {
+        server,
+        mut sessions,
+        mut fast,
+        mut slow,
+        slow_id,
+    } = Scene::start(&hub, config(send_timeout)).await;
 
     // Publish until the hub gives up on the slow client. Some publish has to
     // wait for it: that is Suspend.
@@ -410,14 +440,13 @@ async fn drop_oldest_lets_the_slow_client_skip_ahead_and_tells_it_the_gap() {
             .lag_notice(lag_notice),
     )
     .expect("hub config");
-    let (server, mut sessions) = hub_server(&hub, config(Duration::from_secs(30)));
-    let server = TestServer::start(server).await;
-    let mut fast = [
-        fast_client(&server, &mut sessions).await,
-        fast_client(&server, &mut sessions).await,
-    ];
-    let mut slow = slow_client(server.addr()).await;
-    sessions.joined().await;
+    let Scene {
+        server,
+        sessions: _sessions,
+        mut fast,
+        mut slow,
+        slow_id: _,
+    } = Scene::start(&hub, config(Duration::from_secs(30))).await;
 
     // Publish until the hub has evicted more than a buffer's worth of
     // messages the slow client never read.
@@ -504,14 +533,13 @@ async fn drop_oldest_lets_the_slow_client_skip_ahead_and_tells_it_the_gap() {
 async fn drop_latest_discards_new_messages_for_everyone_while_the_buffer_is_full() {
     let send_timeout = Duration::from_secs(1);
     let hub = hub(Policy::DropLatest);
-    let (server, mut sessions) = hub_server(&hub, config(send_timeout));
-    let server = TestServer::start(server).await;
-    let mut fast = [
-        fast_client(&server, &mut sessions).await,
-        fast_client(&server, &mut sessions).await,
-    ];
-    let mut slow = slow_client(server.addr()).await;
-    let slow_id = sessions.joined().await.session_id();
+    let Scene {
+        server,
+        mut sessions,
+        mut fast,
+        mut slow,
+        slow_id,
+    } = Scene::start(&hub, config(send_timeout)).await;
 
     // Publish until the buffer is full and publishes start being dropped,
     // then a few more (a burst: dropped publishes do not wait).
@@ -573,14 +601,13 @@ async fn disconnect_closes_a_lagging_client_with_1013() {
     let hub = hub(Policy::Disconnect);
     // A long send timeout: only the lag rule can close the slow client.
     let config = config(Duration::from_secs(30)).close_timeout(WAIT);
-    let (server, mut sessions) = hub_server(&hub, config);
-    let server = TestServer::start(server).await;
-    let mut fast = [
-        fast_client(&server, &mut sessions).await,
-        fast_client(&server, &mut sessions).await,
-    ];
-    let mut slow = slow_client(server.addr()).await;
-    let slow_id = sessions.joined().await.session_id();
+    let Scene {
+        server,
+        mut sessions,
+        mut fast,
+        mut slow,
+        slow_id,
+    } = Scene::start(&hub, config).await;
     assert_eq!(hub.subscriber_count(), 3);
 
     // Publish until the slow client is a buffer behind and messages it has
