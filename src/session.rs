@@ -617,11 +617,12 @@ impl Session {
             .await
             .is_ok()
         {
+            // A publish waiting on a full hub (Suspend) gives way when the session ends.
+            let kill = self.out.shared.kill.clone();
             while let Some(msg) = self.recv().await {
                 if !message::is_data(&msg) {
                     continue;
                 }
-                let kill = self.out.shared.kill.clone();
                 tokio::select! {
                     _ = kill.cancelled() => {}
                     result = hub.publish(msg) => {
