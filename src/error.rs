@@ -12,7 +12,7 @@ use crate::message::CloseReason;
 pub enum Error {
     /// The session is closed (or closing): nothing more can be sent or
     /// received. Carries the close reason when one is known. Fatal for the session.
-    #[error("session closed{}", .0.as_ref().map(|r| format!(" ({} {})", u16::from(r.code), r.reason)).unwrap_or_default())]
+    #[error("session closed{}", describe(.0.as_ref()))]
     Closed(Option<CloseReason>),
     /// The session's outgoing queue ([`Config::outgoing_capacity`](crate::Config::outgoing_capacity))
     /// is full, so a non-waiting send could not queue the message; it is handed
@@ -38,6 +38,15 @@ pub enum Error {
     Config(String),
 }
 
+/// " (1000)" or " (1001 server shutting down)" for a close reason, "" for none.
+fn describe(reason: Option<&CloseReason>) -> String {
+    match reason {
+        None => String::new(),
+        Some(r) if r.reason.is_empty() => format!(" ({})", u16::from(r.code)),
+        Some(r) => format!(" ({} {})", u16::from(r.code), r.reason),
+    }
+}
+
 impl Error {
     /// Whether this error means the session is closed.
     pub fn is_closed(&self) -> bool {
@@ -47,5 +56,23 @@ impl Error {
     /// Whether this error is a JSON encoding or decoding failure.
     pub fn is_json(&self) -> bool {
         matches!(self, Error::Json(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{CloseCode, close_reason};
+
+    #[test]
+    fn closed_error_names_the_code_and_any_reason() {
+        assert_eq!(Error::Closed(None).to_string(), "session closed");
+        let normal = Error::Closed(Some(close_reason(CloseCode::Normal, "")));
+        assert_eq!(normal.to_string(), "session closed (1000)");
+        let away = Error::Closed(Some(close_reason(CloseCode::Away, "server shutting down")));
+        assert_eq!(
+            away.to_string(),
+            "session closed (1001 server shutting down)"
+        );
     }
 }

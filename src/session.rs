@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, Interval, MissedTickBehavior, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Error as WsError;
-use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
 
@@ -154,7 +154,6 @@ fn abnormal(why: &str) -> CloseReason {
 /// The close code a read error calls for, if the peer can still be told.
 fn close_code_for(err: &WsError) -> Option<CloseReason> {
     let code = match err {
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => CloseCode::Size,
         WsError::Capacity(_) => CloseCode::Size,
         WsError::Utf8(_) => CloseCode::Invalid,
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => return None,
@@ -1213,6 +1212,7 @@ async fn recv_forwarded(sub: &mut Option<Forwarding>) -> Result<Message, RecvErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio_tungstenite::tungstenite::error::CapacityError;
 
     #[test]
     fn read_errors_map_to_rfc_close_codes() {
