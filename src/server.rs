@@ -516,7 +516,6 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, app: Arc<Server>, stop: Ca
             config: accepted.config,
             request: accepted.request,
             raw: accepted.route.raw,
-            shutdown: stop,
             managed: true,
         },
     )
@@ -525,7 +524,16 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, app: Arc<Server>, stop: Ca
     let _guard = out.kill_on_drop();
     let id = session.id();
     tracing::debug!(session = id, %peer, "session open");
-    let failure = (accepted.route.handler)(session).await;
+    let handler = (accepted.route.handler)(session);
+    tokio::pin!(handler);
+    // Watched here, once per connection, rather than in every send-task wake-up.
+    let failure = tokio::select! {
+        failure = &mut handler => failure,
+        _ = stop.cancelled() => {
+            out.close_for_shutdown();
+            handler.await
+        }
+    };
     match failure {
         Some(err) => {
             tracing::warn!(session = id, error = %err, "handler failed");

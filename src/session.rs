@@ -11,14 +11,16 @@ use std::fmt;
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::stream::BoxStream;
+use futures_util::task::AtomicWaker;
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Interval, MissedTickBehavior, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
@@ -79,7 +81,8 @@ struct Shared {
     kill: CancellationToken,
     /// A close the send task must perform, with priority over queued data.
     close_request: Mutex<Option<CloseRequest>>,
-    wake: Notify,
+    /// Rung for a close request, a kill or new settings; only the send task waits.
+    wake: Signal,
     pongs: AtomicU64,
     reader_gone: AtomicBool,
     /// A server runs the handler and closes the session itself when it returns.
@@ -105,6 +108,51 @@ struct CloseRequest {
     drain_hub: bool,
 }
 
+/// A wake-up many may ring and one task (the send task) waits for; a ring
+/// with nobody waiting is kept for the next wait.
+#[derive(Default)]
+struct Signal {
+    rung: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Signal {
+    fn ring(&self) {
+        self.rung.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    fn poll_rung(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.rung.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        if self.rung.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Whether a ring is waiting, without taking it.
+    fn is_rung(&self) -> bool {
+        self.rung.load(Ordering::Acquire)
+    }
+
+    async fn rung(&self) {
+        poll_fn(|cx| self.poll_rung(cx)).await
+    }
+}
+
+/// Kills a session when dropped (the server's connection task holds one).
+pub(crate) struct KillOnDrop(Arc<Shared>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.0.kill();
+    }
+}
+
 enum Command {
     Send(Message),
     Flush(oneshot::Sender<()>),
@@ -127,7 +175,13 @@ impl Shared {
         let mut slot = self.close_request.lock().unwrap_or_else(|p| p.into_inner());
         slot.get_or_insert(request);
         drop(slot);
-        self.wake.notify_one();
+        self.wake.ring();
+    }
+
+    /// Ends the connection now: both sides stop.
+    fn kill(&self) {
+        self.kill.cancel();
+        self.wake.ring();
     }
 
     fn take_close_request(&self) -> Option<CloseRequest> {
@@ -186,7 +240,6 @@ pub(crate) struct Setup {
     pub(crate) config: Config,
     pub(crate) request: Request,
     pub(crate) raw: bool,
-    pub(crate) shutdown: CancellationToken,
     /// The server closes the session when the handler returns (1000, or 1011 on error).
     pub(crate) managed: bool,
 }
@@ -229,7 +282,6 @@ impl Session {
                 config: config.clone(),
                 request,
                 raw: false,
-                shutdown: CancellationToken::new(),
                 managed: false,
             },
         );
@@ -256,7 +308,6 @@ impl Session {
             config: config.clone(),
             request,
             raw: false,
-            shutdown: CancellationToken::new(),
             managed: false,
         };
         Session::start_upgraded(io, setup).await.0
@@ -289,7 +340,7 @@ impl Session {
             reason: OnceLock::new(),
             kill: CancellationToken::new(),
             close_request: Mutex::new(None),
-            wake: Notify::new(),
+            wake: Signal::default(),
             pongs: AtomicU64::new(0),
             reader_gone: AtomicBool::new(false),
             managed: setup.managed,
@@ -309,7 +360,6 @@ impl Session {
             send_timeout: config.send_timeout,
             close_timeout: config.close_timeout,
             max_batch: config.max_batch.max(1),
-            shutdown: setup.shutdown,
             ping: Ping::new(shared.settings()),
         };
         let handle = tokio::spawn(task.run());
@@ -434,7 +484,7 @@ impl Session {
         self.out.shared.set_reason(reason);
         self.reader = None;
         self.finished = true;
-        self.out.shared.kill.cancel();
+        self.out.shared.kill();
     }
 
     /// Queues a message for the client, waiting while the outgoing queue is full.
@@ -585,7 +635,7 @@ impl Session {
         );
         // The wake-up bypasses the outgoing queue, so it works even when the
         // queue is full; the send task re-reads the settings on every wake.
-        self.out.shared.wake.notify_one();
+        self.out.shared.wake.ring();
     }
 
     /// Runs the SharedFlow pattern: every text or binary message the client
@@ -642,7 +692,7 @@ impl Drop for Session {
     fn drop(&mut self) {
         let shared = &self.out.shared;
         if self.finished {
-            shared.kill.cancel();
+            shared.kill();
             return;
         }
         shared.reader_gone.store(true, Ordering::Release);
@@ -655,7 +705,7 @@ impl Drop for Session {
             });
         } else {
             // A close is under way: the send task now reads the answer itself.
-            shared.wake.notify_one();
+            shared.wake.ring();
         }
     }
 }
@@ -766,8 +816,18 @@ impl Outgoing {
     }
 
     /// Ends the connection when the returned guard is dropped.
-    pub(crate) fn kill_on_drop(&self) -> tokio_util::sync::DropGuard {
-        self.shared.kill.clone().drop_guard()
+    pub(crate) fn kill_on_drop(&self) -> KillOnDrop {
+        KillOnDrop(self.shared.clone())
+    }
+
+    /// Closes the session for a server shutdown: 1001, after what the hub
+    /// already holds for it.
+    pub(crate) fn close_for_shutdown(&self) {
+        self.shared.request_close(CloseRequest {
+            reason: close_reason(CloseCode::Away, "server shutting down"),
+            handshake: true,
+            drain_hub: true,
+        });
     }
 
     /// The id of the session this handle sends to.
@@ -867,7 +927,6 @@ struct SendTask {
     send_timeout: Duration,
     close_timeout: Duration,
     max_batch: usize,
-    shutdown: CancellationToken,
     ping: Ping,
 }
 
@@ -898,7 +957,7 @@ impl SendTask {
             Stop::Close(request) => self.close(request).await,
         }
         self.sub = None;
-        self.shared.kill.cancel();
+        self.shared.kill();
         // Tell the peer promptly (FIN) even if the handler still holds the session.
         let _ = timeout(
             Duration::from_millis(100),
@@ -909,23 +968,36 @@ impl SendTask {
     }
 
     async fn serve(&mut self) -> Stop {
+        let mut fast_runs = 0;
         loop {
+            // Fast path: hub messages are already waiting and nothing else
+            // was rung. It skips polling (and re-arming) every other branch,
+            // which is most of a wake-up's cost. Every `max_batch` runs the
+            // full select below takes a turn, so pings and commands are never
+            // starved by a busy hub.
+            if fast_runs < self.max_batch && !self.shared.wake.is_rung() {
+                if let Some(result) = self.try_forwarded() {
+                    fast_runs += 1;
+                    if let Err(stop) = self.batch(None, Some(result)).await {
+                        return stop;
+                    }
+                    continue;
+                }
+            }
+            fast_runs = 0;
             let pong_deadline = self.ping.deadline;
             tokio::select! {
                 biased;
-                _ = self.shared.kill.cancelled() => return Stop::Kill,
-                _ = self.shared.wake.notified() => {
+                // Kills, close requests (server shutdown included) and new
+                // settings all ring one signal: a single atomic on the hot path.
+                _ = self.shared.wake.rung() => {
+                    if self.shared.kill.is_cancelled() {
+                        return Stop::Kill;
+                    }
                     if let Some(request) = self.shared.take_close_request() {
                         return Stop::Close(request);
                     }
                     self.ping.apply(self.shared.settings());
-                }
-                _ = self.shutdown.cancelled() => {
-                    return Stop::Close(CloseRequest {
-                        reason: close_reason(CloseCode::Away, "server shutting down"),
-                        handshake: true,
-                        drain_hub: true,
-                    });
                 }
                 _ = sleep_until_some(pong_deadline) => {
                     if self.shared.pongs.load(Ordering::Relaxed) > self.ping.pongs_at_ping {
@@ -996,11 +1068,9 @@ impl SendTask {
                 command = Some(cmd);
                 continue;
             }
-            match self.sub.as_mut().map(|f| f.sub.try_recv()) {
-                Some(Ok(msg)) => forwarded = Some(Ok(msg)),
-                Some(Err(TryRecvError::Lagged(n))) => forwarded = Some(Err(RecvError::Lagged(n))),
-                Some(Err(TryRecvError::Closed)) => forwarded = Some(Err(RecvError::Closed)),
-                Some(Err(TryRecvError::Empty)) | None => break,
+            match self.try_forwarded() {
+                Some(result) => forwarded = Some(result),
+                None => break,
             }
         }
         self.flush().await?;
@@ -1008,6 +1078,16 @@ impl SendTask {
             let _ = done.send(());
         }
         Ok(())
+    }
+
+    /// A hub message (or lag report) that is already waiting, if any.
+    fn try_forwarded(&mut self) -> Option<Result<Message, RecvError>> {
+        match self.sub.as_mut()?.sub.try_recv() {
+            Ok(msg) => Some(Ok(msg)),
+            Err(TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
+            Err(TryRecvError::Closed) => Some(Err(RecvError::Closed)),
+            Err(TryRecvError::Empty) => None,
+        }
     }
 
     /// Applies the policy to one result from the hub.
@@ -1172,7 +1252,7 @@ impl SendTask {
             tokio::select! {
                 _ = self.shared.kill.cancelled() => return,
                 _ = sleep_until(deadline) => return,
-                _ = self.shared.wake.notified() => {}
+                _ = self.shared.wake.rung() => {}
             }
         }
     }
@@ -1187,6 +1267,10 @@ async fn until_stuck<F: std::future::Future>(
     write: F,
 ) -> Option<F::Output> {
     tokio::pin!(write);
+    // Most writes finish at once: they need no timer.
+    if let Poll::Ready(output) = poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+        return Some(output);
+    }
     let mut seen = meter.as_ref().map(Meter::written);
     loop {
         match timeout(patience, &mut write).await {

@@ -1,0 +1,890 @@
+//! The many-client load benchmark: wshub against two baseline patterns, same
+//! load, same run.
+//!
+//! ```text
+//! cargo bench --bench load -- fanout-1k            # one scenario, every server
+//! cargo bench --bench load -- all --runs 3         # every scenario, medians of 3
+//! cargo bench --bench load -- sweep --runs 3       # p99 and CPU vs clients, SVG plot
+//! cargo bench --bench load -- fanout-1k --url ws://127.0.0.1:8080/ws --server-pid 1234
+//! cargo bench --bench load -- --help
+//! ```
+//!
+//! Each server runs in a child process (so its CPU time and memory are its
+//! own); the clients run here. Results go to stdout as a table and to
+//! `target/load/<scenario>.json`. See docs/BENCHMARKS.md.
+
+mod client;
+mod plot;
+mod servers;
+mod sys;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use wshub::Policy;
+
+use crate::servers::Kind;
+
+/// File descriptors each process keeps for itself besides its connections.
+const FD_RESERVE: u64 = 64;
+
+/// wshub's load benchmark.
+#[derive(Debug, Parser)]
+#[command(about)]
+struct Args {
+    /// Scenarios to run: fanout-1k, fanout-high, fanout-10k, chat-1k,
+    /// idle-max, slow-client, sweep, smoke, or all (the first six).
+    #[arg(default_value = "fanout-1k")]
+    scenarios: Vec<String>,
+    /// Servers to measure, comma-separated: wshub, wshub:<policy>, ktor,
+    /// axum. Default: the scenario's own list.
+    #[arg(long, value_delimiter = ',')]
+    servers: Vec<Kind>,
+    /// Measure a server already running at this ws:// URL (loopback only)
+    /// instead of starting the built-in ones.
+    #[arg(long)]
+    url: Option<String>,
+    /// Process id of the --url server, to read its CPU time and memory.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Runs per server; the summary shows medians.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Override the scenario's number of clients.
+    #[arg(long)]
+    clients: Option<usize>,
+    /// Override the scenario's number of publishers.
+    #[arg(long)]
+    publishers: Option<usize>,
+    /// Override the messages per second each publisher sends.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Override how long publishers publish, in seconds.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Override the payload size in bytes (at least 40).
+    #[arg(long)]
+    payload: Option<usize>,
+    /// Handshakes in flight at once.
+    #[arg(long, default_value_t = 200)]
+    concurrency: usize,
+    /// Where JSON results (and the sweep's SVG) go.
+    #[arg(long, default_value = "target/load")]
+    out: PathBuf,
+    /// Internal: run as the server child process.
+    #[arg(long, hide = true)]
+    serve: Option<Kind>,
+}
+
+/// One way of loading a server.
+#[derive(Debug, Clone, Serialize)]
+struct Scenario {
+    name: String,
+    clients: usize,
+    publishers: usize,
+    /// Messages per second per publisher.
+    rate: f64,
+    /// Seconds of publishing.
+    duration: f64,
+    payload: usize,
+    /// Clients that stop reading once publishing starts.
+    slow: usize,
+    /// One broadcast after connecting, timed until every client has it.
+    single_broadcast: bool,
+    #[serde(skip)]
+    variants: Vec<Variant>,
+}
+
+/// A server under a scenario, possibly with its own number of slow clients.
+#[derive(Debug, Clone)]
+struct Variant {
+    label: String,
+    kind: Kind,
+    slow: Option<usize>,
+}
+
+fn variant(kind: Kind) -> Variant {
+    Variant {
+        label: kind.to_string(),
+        kind,
+        slow: None,
+    }
+}
+
+fn baselines() -> Vec<Variant> {
+    [Kind::Wshub(Policy::Suspend), Kind::Ktor, Kind::Axum]
+        .into_iter()
+        .map(variant)
+        .collect()
+}
+
+fn fanout(name: &str, clients: usize, publishers: usize, rate: f64) -> Scenario {
+    Scenario {
+        name: name.to_string(),
+        clients,
+        publishers,
+        rate,
+        duration: 10.0,
+        payload: 64,
+        slow: 0,
+        single_broadcast: false,
+        variants: baselines(),
+    }
+}
+
+fn scenario(name: &str, file_limit: u64) -> Result<Vec<Scenario>, String> {
+    Ok(match name {
+        "fanout-1k" => vec![fanout(name, 1000, 1, 100.0)],
+        "fanout-high" => vec![fanout(name, 100, 4, 1000.0)],
+        "fanout-10k" => vec![fanout(name, 10_000, 1, 10.0)],
+        "chat-1k" => vec![fanout(name, 1000, 50, 2.0)],
+        "idle-max" => {
+            let clients = 100_000.min(file_limit.saturating_sub(FD_RESERVE) as usize);
+            vec![Scenario {
+                single_broadcast: true,
+                duration: 0.0,
+                ..fanout(name, clients, 1, 1.0)
+            }]
+        }
+        "slow-client" => {
+            let mut variants = vec![Variant {
+                label: "wshub (no slow clients)".to_string(),
+                kind: Kind::Wshub(Policy::DropOldest),
+                slow: Some(0),
+            }];
+            for policy in [
+                Policy::Suspend,
+                Policy::DropOldest,
+                Policy::DropLatest,
+                Policy::Disconnect,
+            ] {
+                let kind = Kind::Wshub(policy);
+                variants.push(Variant {
+                    label: format!("wshub:{policy}"),
+                    kind,
+                    slow: None,
+                });
+            }
+            variants.push(variant(Kind::Ktor));
+            variants.push(variant(Kind::Axum));
+            vec![Scenario {
+                payload: 1024,
+                slow: 10,
+                variants,
+                ..fanout(name, 1000, 1, 100.0)
+            }]
+        }
+        "sweep" => [100, 300, 1000, 3000, 10_000]
+            .into_iter()
+            .map(|n| fanout(&format!("sweep-{n}"), n, 1, 10.0))
+            .collect(),
+        "smoke" => vec![Scenario {
+            duration: 2.0,
+            ..fanout(name, 50, 2, 50.0)
+        }],
+        "all" => {
+            let mut all = Vec::new();
+            for name in [
+                "fanout-1k",
+                "fanout-high",
+                "fanout-10k",
+                "chat-1k",
+                "idle-max",
+                "slow-client",
+            ] {
+                all.extend(scenario(name, file_limit)?);
+            }
+            all
+        }
+        _ => {
+            return Err(format!(
+                "unknown scenario {name:?}: expected fanout-1k, fanout-high, fanout-10k, chat-1k, \
+                 idle-max, slow-client, sweep, smoke or all"
+            ));
+        }
+    })
+}
+
+/// What the server process reports about itself.
+#[derive(Debug, Clone, Copy, Default)]
+struct ServerStats {
+    cpu_us: Option<u64>,
+    rss_kib: Option<u64>,
+    connections: Option<u64>,
+}
+
+/// The server under test: a child process of ours, or one given by URL.
+enum Target {
+    Child {
+        child: Child,
+        stdin: ChildStdin,
+        stdout: BufReader<ChildStdout>,
+        addr: SocketAddr,
+    },
+    External {
+        addr: SocketAddr,
+        path: String,
+        pid: Option<u32>,
+    },
+}
+
+impl Target {
+    fn start(kind: Kind) -> Result<Target, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("current exe: {e}"))?;
+        let mut child = Command::new(exe)
+            .arg("--serve")
+            .arg(kind.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("starting the server: {e}"))?;
+        let stdin = child.stdin.take().expect("piped stdin");
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        stdout
+            .read_line(&mut line)
+            .map_err(|e| format!("reading the server's address: {e}"))?;
+        let addr = line
+            .trim()
+            .strip_prefix("addr ")
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| format!("the server said {line:?} instead of its address"))?;
+        Ok(Target::Child {
+            child,
+            stdin,
+            stdout,
+            addr,
+        })
+    }
+
+    fn external(url: &str, pid: Option<u32>) -> Result<Target, String> {
+        let rest = url
+            .strip_prefix("ws://")
+            .ok_or_else(|| format!("{url:?}: only ws:// URLs are supported"))?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].to_string()),
+            None => (rest, "/".to_string()),
+        };
+        let addr = authority
+            .to_socket_addrs()
+            .map_err(|e| format!("{authority:?}: {e}"))?
+            .find(|a| a.is_ipv4())
+            .ok_or_else(|| format!("{authority:?} has no IPv4 address"))?;
+        if !addr.ip().is_loopback() {
+            return Err(format!(
+                "{addr} is not a loopback address: this benchmark only loads 127.0.0.0/8"
+            ));
+        }
+        Ok(Target::External { addr, path, pid })
+    }
+
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Target::Child { addr, .. } | Target::External { addr, .. } => *addr,
+        }
+    }
+
+    fn path(&self) -> &str {
+        match self {
+            Target::Child { .. } => "/ws",
+            Target::External { path, .. } => path,
+        }
+    }
+
+    fn stats(&mut self) -> ServerStats {
+        match self {
+            Target::Child { stdin, stdout, .. } => {
+                let mut line = String::new();
+                if writeln!(stdin, "stats").is_err()
+                    || stdin.flush().is_err()
+                    || stdout.read_line(&mut line).is_err()
+                {
+                    return ServerStats::default();
+                }
+                let fields: Vec<u64> = line
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|f| f.parse().ok())
+                    .collect();
+                ServerStats {
+                    cpu_us: fields.first().copied(),
+                    rss_kib: fields.get(1).copied(),
+                    connections: fields.get(2).copied(),
+                }
+            }
+            Target::External { pid: Some(pid), .. } => ServerStats {
+                cpu_us: sys::process_cpu_micros(*pid).ok(),
+                rss_kib: sys::rss_kib(Some(*pid)).ok(),
+                connections: None,
+            },
+            Target::External { pid: None, .. } => ServerStats::default(),
+        }
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Target::Child { child, .. } = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Everything one run measured.
+#[derive(Debug, Clone, Serialize)]
+struct RunResult {
+    scenario: String,
+    server: String,
+    run: usize,
+    clients_requested: usize,
+    connected: usize,
+    connect_errors: usize,
+    first_connect_error: Option<String>,
+    connect_secs: f64,
+    all_ready: bool,
+    slow: usize,
+    receivers: u64,
+    publishers: usize,
+    sent: u64,
+    expected: u64,
+    delivered: u64,
+    delivery_ratio: f64,
+    deliveries_per_sec: f64,
+    publish_secs: f64,
+    latency_ms: Latency,
+    gaps: u64,
+    reorders: u64,
+    other_messages: u64,
+    closed_by_server: BTreeMap<String, u64>,
+    server_cpu_secs: Option<f64>,
+    cpu_us_per_delivery: Option<f64>,
+    server_rss_start_kib: Option<u64>,
+    server_rss_connected_kib: Option<u64>,
+    server_rss_end_kib: Option<u64>,
+    kib_per_connection: Option<f64>,
+    server_connections: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Latency {
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    p999: f64,
+    max: f64,
+}
+
+async fn run_once(
+    scenario: &Scenario,
+    variant: &Variant,
+    run: usize,
+    args: &Args,
+) -> Result<RunResult, String> {
+    let mut target = match &args.url {
+        Some(url) => Target::external(url, args.server_pid)?,
+        None => Target::start(variant.kind)?,
+    };
+    let slow = variant.slow.unwrap_or(scenario.slow);
+    let start = target.stats();
+    let mut fleet = client::connect(
+        target.addr(),
+        target.path(),
+        scenario.clients,
+        scenario.publishers,
+        slow,
+        args.concurrency,
+    )
+    .await;
+    if fleet.connected == 0 {
+        return Err(format!(
+            "no client connected: {}",
+            fleet.first_error.as_deref().unwrap_or("no error recorded")
+        ));
+    }
+    let all_ready = fleet.warm_up(Duration::from_secs(30)).await;
+    let connected = target.stats();
+
+    let messages = if scenario.single_broadcast {
+        1
+    } else {
+        (scenario.rate * scenario.duration).round() as u64
+    };
+    let receivers = fleet.receivers();
+    let bar = ProgressBar::new(messages * scenario.publishers as u64 * receivers).with_style(
+        ProgressStyle::with_template("  delivering {bar:40} {percent}% {per_sec} {elapsed}")
+            .expect("progress template"),
+    );
+    let follower = client::follow(fleet.counters.clone(), bar.clone(), receivers);
+    let began = Instant::now();
+    fleet
+        .publish(
+            messages,
+            scenario.rate,
+            scenario.payload,
+            Duration::from_secs(10),
+        )
+        .await;
+    let publish_secs = began.elapsed().as_secs_f64();
+    fleet
+        .drain(Duration::from_secs(3), Duration::from_secs(30), &bar)
+        .await;
+    let end = target.stats();
+    follower.abort();
+    bar.finish_and_clear();
+
+    let counters = fleet.counters.clone();
+    let (connect_errors, first_error, connect_secs, connected_n, slow_n) = (
+        fleet.connect_errors,
+        fleet.first_error.clone(),
+        fleet.connect_secs,
+        fleet.connected,
+        fleet.slow,
+    );
+    fleet.shut().await;
+    drop(target);
+
+    let sent = counters.sent.load(Ordering::Relaxed);
+    let delivered = counters.delivered.load(Ordering::Relaxed);
+    let expected = sent * receivers;
+    let hist = counters.latency();
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let cpu_secs = match (connected.cpu_us, end.cpu_us) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / 1e6),
+        _ => None,
+    };
+    let per_conn = match (start.rss_kib, connected.rss_kib) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / connected_n as f64),
+        _ => None,
+    };
+    Ok(RunResult {
+        scenario: scenario.name.clone(),
+        server: variant.label.clone(),
+        run,
+        clients_requested: scenario.clients,
+        connected: connected_n,
+        connect_errors,
+        first_connect_error: first_error,
+        connect_secs,
+        all_ready,
+        slow: slow_n,
+        receivers,
+        publishers: scenario.publishers,
+        sent,
+        expected,
+        delivered,
+        delivery_ratio: if expected == 0 {
+            0.0
+        } else {
+            delivered as f64 / expected as f64
+        },
+        deliveries_per_sec: delivered as f64 / publish_secs.max(1e-3),
+        publish_secs,
+        latency_ms: Latency {
+            p50: ms(0.50),
+            p90: ms(0.90),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: hist.max() as f64 / 1000.0,
+        },
+        gaps: counters.gaps.load(Ordering::Relaxed),
+        reorders: counters.reorders.load(Ordering::Relaxed),
+        other_messages: counters.other.load(Ordering::Relaxed),
+        closed_by_server: counters.closed(),
+        server_cpu_secs: cpu_secs,
+        cpu_us_per_delivery: cpu_secs
+            .filter(|_| delivered > 0)
+            .map(|s| s * 1e6 / delivered as f64),
+        server_rss_start_kib: start.rss_kib,
+        server_rss_connected_kib: connected.rss_kib,
+        server_rss_end_kib: end.rss_kib,
+        kib_per_connection: per_conn,
+        server_connections: connected.connections,
+    })
+}
+
+/// Medians of one server's runs in one scenario.
+#[derive(Debug, Clone, Serialize)]
+struct Summary {
+    scenario: String,
+    server: String,
+    runs: usize,
+    connected: f64,
+    connect_errors: f64,
+    delivery_ratio: f64,
+    deliveries_per_sec: f64,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+    server_cpu_secs: Option<f64>,
+    cpu_us_per_delivery: Option<f64>,
+    server_rss_connected_mib: Option<f64>,
+    server_rss_end_mib: Option<f64>,
+    kib_per_connection: Option<f64>,
+    closed_by_server: u64,
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.retain(|v| v.is_finite());
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+fn summarize(results: &[RunResult]) -> Vec<Summary> {
+    let mut order: Vec<(String, String)> = Vec::new();
+    for r in results {
+        let key = (r.scenario.clone(), r.server.clone());
+        if !order.contains(&key) {
+            order.push(key);
+        }
+    }
+    order
+        .into_iter()
+        .map(|(scenario, server)| {
+            let runs: Vec<&RunResult> = results
+                .iter()
+                .filter(|r| r.scenario == scenario && r.server == server)
+                .collect();
+            let med = |f: &dyn Fn(&RunResult) -> f64| median(runs.iter().map(|r| f(r)).collect());
+            let opt = |f: &dyn Fn(&RunResult) -> Option<f64>| {
+                let values: Vec<f64> = runs.iter().filter_map(|r| f(r)).collect();
+                (!values.is_empty()).then(|| median(values))
+            };
+            Summary {
+                runs: runs.len(),
+                connected: med(&|r| r.connected as f64),
+                connect_errors: med(&|r| r.connect_errors as f64),
+                delivery_ratio: med(&|r| r.delivery_ratio),
+                deliveries_per_sec: med(&|r| r.deliveries_per_sec),
+                p50_ms: med(&|r| r.latency_ms.p50),
+                p90_ms: med(&|r| r.latency_ms.p90),
+                p99_ms: med(&|r| r.latency_ms.p99),
+                p999_ms: med(&|r| r.latency_ms.p999),
+                max_ms: med(&|r| r.latency_ms.max),
+                server_cpu_secs: opt(&|r| r.server_cpu_secs),
+                cpu_us_per_delivery: opt(&|r| r.cpu_us_per_delivery),
+                server_rss_connected_mib: opt(&|r| {
+                    r.server_rss_connected_kib.map(|k| k as f64 / 1024.0)
+                }),
+                server_rss_end_mib: opt(&|r| r.server_rss_end_kib.map(|k| k as f64 / 1024.0)),
+                kib_per_connection: opt(&|r| r.kib_per_connection),
+                closed_by_server: runs
+                    .iter()
+                    .map(|r| r.closed_by_server.values().sum::<u64>())
+                    .max()
+                    .unwrap_or(0),
+                scenario,
+                server,
+            }
+        })
+        .collect()
+}
+
+fn fmt_opt(v: Option<f64>, digits: usize) -> String {
+    match v {
+        Some(v) if v.is_finite() => format!("{v:.digits$}"),
+        _ => "-".to_string(),
+    }
+}
+
+fn print_table(summaries: &[Summary]) {
+    println!(
+        "{:<24} {:>4} {:>6} {:>5} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>6}",
+        "server",
+        "runs",
+        "conn",
+        "err",
+        "ratio",
+        "deliv/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "p99.9",
+        "max ms",
+        "cpu s",
+        "µs/deliv",
+        "RSS MiB",
+        "KiB/conn",
+        "closed"
+    );
+    for s in summaries {
+        println!(
+            "{:<24} {:>4} {:>6} {:>5} {:>7.4} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>8} {:>8} {:>8} {:>6}",
+            s.server,
+            s.runs,
+            s.connected,
+            s.connect_errors,
+            s.delivery_ratio,
+            s.deliveries_per_sec,
+            s.p50_ms,
+            s.p90_ms,
+            s.p99_ms,
+            s.p999_ms,
+            s.max_ms,
+            fmt_opt(s.server_cpu_secs, 2),
+            fmt_opt(s.cpu_us_per_delivery, 2),
+            fmt_opt(s.server_rss_connected_mib, 1),
+            fmt_opt(s.kib_per_connection, 2),
+            s.closed_by_server,
+        );
+    }
+    let Some(ours) = summaries.iter().find(|s| s.server == "wshub") else {
+        return;
+    };
+    for base in summaries.iter().filter(|s| !s.server.starts_with("wshub")) {
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+            _ => "-".to_string(),
+        };
+        println!(
+            "  wshub / {:<14} CPU per delivery {}   p99 {}   RSS {}",
+            base.server,
+            ratio(ours.cpu_us_per_delivery, base.cpu_us_per_delivery),
+            ratio(Some(ours.p99_ms), Some(base.p99_ms)),
+            ratio(ours.server_rss_connected_mib, base.server_rss_connected_mib),
+        );
+    }
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    scenario: &'a Scenario,
+    machine: Machine,
+    runs: &'a [RunResult],
+    summary: &'a [Summary],
+}
+
+#[derive(Serialize)]
+struct Machine {
+    cores: usize,
+    file_limit: u64,
+}
+
+fn write_json(path: &std::path::Path, report: &Report<'_>) {
+    let written = std::fs::create_dir_all(path.parent().unwrap_or(path))
+        .and_then(|()| std::fs::write(path, serde_json::to_vec_pretty(report).unwrap_or_default()));
+    match written {
+        Ok(()) => println!("  wrote {}", path.display()),
+        Err(err) => eprintln!("  could not write {}: {err}", path.display()),
+    }
+}
+
+fn plot_sweep(summaries: &[Summary], path: &std::path::Path) {
+    let mut servers: Vec<&str> = Vec::new();
+    for s in summaries {
+        if !servers.contains(&s.server.as_str()) {
+            servers.push(&s.server);
+        }
+    }
+    let clients = |s: &Summary| s.connected;
+    let series = |f: &dyn Fn(&Summary) -> Option<f64>| -> Vec<plot::Series> {
+        servers
+            .iter()
+            .map(|name| plot::Series {
+                name: name.to_string(),
+                points: summaries
+                    .iter()
+                    .filter(|s| s.server == *name)
+                    .filter_map(|s| f(s).map(|y| (clients(s), y)))
+                    .collect(),
+            })
+            .collect()
+    };
+    let charts = [
+        plot::Chart {
+            title: "p99 latency, 1 publisher × 10 msg/s, 64 B".to_string(),
+            x_label: "clients".to_string(),
+            y_label: "p99 latency (ms)".to_string(),
+            log_x: true,
+            log_y: true,
+            series: series(&|s| Some(s.p99_ms)),
+        },
+        plot::Chart {
+            title: "server CPU per delivery".to_string(),
+            x_label: "clients".to_string(),
+            y_label: "CPU µs per delivery".to_string(),
+            log_x: true,
+            log_y: false,
+            series: series(&|s| s.cpu_us_per_delivery),
+        },
+    ];
+    let caption = format!(
+        "medians of {} run(s) per point; {} cores, server and clients on one machine",
+        summaries.first().map_or(0, |s| s.runs),
+        cores()
+    );
+    let svg = plot::render_svg(&charts, Some(&caption));
+    match std::fs::write(path, svg) {
+        Ok(()) => println!("wrote {}", path.display()),
+        Err(err) => eprintln!("could not write {}: {err}", path.display()),
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn apply_overrides(scenario: &mut Scenario, args: &Args) {
+    if let Some(n) = args.clients {
+        scenario.clients = n;
+    }
+    if let Some(p) = args.publishers {
+        scenario.publishers = p;
+    }
+    if let Some(r) = args.rate {
+        scenario.rate = r;
+    }
+    if let Some(d) = args.duration {
+        scenario.duration = d;
+    }
+    if let Some(s) = args.payload {
+        scenario.payload = s.max(40);
+    }
+    if !args.servers.is_empty() {
+        scenario.variants = args.servers.iter().copied().map(variant).collect();
+    }
+    if args.url.is_some() {
+        scenario.variants = vec![Variant {
+            label: args.url.clone().unwrap_or_default(),
+            kind: Kind::Wshub(Policy::Suspend),
+            slow: None,
+        }];
+    }
+    scenario.publishers = scenario.publishers.clamp(1, scenario.clients.max(1));
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; it means nothing here.
+    let argv = std::env::args().filter(|a| a != "--bench");
+    let args = Args::parse_from(argv);
+    if let Some(kind) = args.serve {
+        servers::child_main(kind);
+    }
+    let limit = match sys::raise_file_limit() {
+        Ok(limit) => limit,
+        Err(err) => {
+            eprintln!("cannot read RLIMIT_NOFILE: {err}");
+            std::process::exit(2);
+        }
+    };
+    let mut scenarios = Vec::new();
+    for name in &args.scenarios {
+        match scenario(name, limit.soft) {
+            Ok(list) => scenarios.extend(list),
+            Err(err) => {
+                eprintln!("{err}");
+                std::process::exit(2);
+            }
+        }
+    }
+    let max_clients = limit.soft.saturating_sub(FD_RESERVE) as usize;
+    for s in &mut scenarios {
+        apply_overrides(s, &args);
+        if s.clients > max_clients {
+            println!(
+                "{}: {} clients capped to {max_clients} by RLIMIT_NOFILE (soft {}, hard {}; \
+                 each process keeps {FD_RESERVE} descriptors for itself)",
+                s.name, s.clients, limit.soft, limit.hard
+            );
+            s.clients = max_clients;
+        }
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let sweep = args.scenarios.iter().any(|s| s == "sweep");
+    let mut everything = Vec::new();
+    let mut failed = false;
+    runtime.block_on(async {
+        for scenario in &scenarios {
+            println!(
+                "\n== {}: {} clients ({} slow), {} publisher(s) × {} msg/s × {} s, {} B ==",
+                scenario.name,
+                scenario.clients,
+                scenario.slow,
+                scenario.publishers,
+                scenario.rate,
+                scenario.duration,
+                scenario.payload
+            );
+            let mut results = Vec::new();
+            // Servers take turns within each round, so drift hits all alike.
+            for run in 0..args.runs.max(1) {
+                for variant in &scenario.variants {
+                    match run_once(scenario, variant, run, &args).await {
+                        Ok(result) => {
+                            println!(
+                                "  {:<24} run {}: {}/{} connected, ratio {:.4}, p99 {:.2} ms, {} µs/delivery",
+                                result.server,
+                                run + 1,
+                                result.connected,
+                                result.clients_requested,
+                                result.delivery_ratio,
+                                result.latency_ms.p99,
+                                fmt_opt(result.cpu_us_per_delivery, 2)
+                            );
+                            results.push(result);
+                        }
+                        Err(err) => {
+                            eprintln!("  {} run {}: {err}", variant.label, run + 1);
+                            failed = true;
+                        }
+                    }
+                }
+            }
+            let summary = summarize(&results);
+            println!();
+            print_table(&summary);
+            write_json(
+                &args.out.join(format!("{}.json", scenario.name)),
+                &Report {
+                    scenario,
+                    machine: Machine {
+                        cores: cores(),
+                        file_limit: limit.soft,
+                    },
+                    runs: &results,
+                    summary: &summary,
+                },
+            );
+            if scenario.name == "smoke"
+                && summary.iter().any(|s| s.delivery_ratio < 1.0 || s.connect_errors > 0.0)
+            {
+                eprintln!("smoke: a server lost messages or connections");
+                failed = true;
+            }
+            everything.extend(summary);
+        }
+    });
+    if sweep {
+        let points: Vec<Summary> = everything
+            .into_iter()
+            .filter(|s| s.scenario.starts_with("sweep-"))
+            .collect();
+        plot_sweep(&points, &args.out.join("sweep.svg"));
+    }
+    if failed {
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,241 @@
+//! The servers under test: wshub and the two baseline patterns.
+//!
+//! Each runs in a child process of the benchmark so that its CPU time and
+//! memory are its own. The child prints `addr <socket address>` on stdout,
+//! answers every `stats` line on stdin with `stats <cpu µs> <rss KiB>
+//! <connections>`, and exits when stdin closes.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{Mutex, broadcast, mpsc};
+use tokio_tungstenite::tungstenite::Message;
+use wshub::{Hub, HubConfig, Policy, Server};
+
+use crate::sys;
+
+/// Messages the hub (or the axum pattern's channel) buffers per subscriber.
+pub const CAPACITY: usize = 1024;
+/// Ktor's per-session outgoing channel holds 8 frames before `send` suspends.
+const KTOR_OUTGOING: usize = 8;
+
+/// Which server a run measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// wshub's `Server` with one `Hub`, every session `join`ed to it.
+    Wshub(Policy),
+    /// Ktor's chat guide: a locked set of sessions; each message is sent to
+    /// each session in turn (a `String` per session) through its 8-frame
+    /// outgoing channel, whose writer flushes when the channel runs dry.
+    Ktor,
+    /// axum's chat example: `tokio::sync::broadcast::<String>`, one copy
+    /// per subscriber, `send` (write and flush) per message.
+    Axum,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Kind::Wshub(Policy::Suspend) => f.write_str("wshub"),
+            Kind::Wshub(policy) => write!(f, "wshub:{policy}"),
+            Kind::Ktor => f.write_str("ktor-pattern"),
+            Kind::Axum => f.write_str("axum-pattern"),
+        }
+    }
+}
+
+impl FromStr for Kind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "wshub" => Ok(Kind::Wshub(Policy::Suspend)),
+            "ktor" | "ktor-pattern" => Ok(Kind::Ktor),
+            "axum" | "axum-pattern" => Ok(Kind::Axum),
+            _ => match s.strip_prefix("wshub:") {
+                Some(policy) => policy.parse().map(Kind::Wshub).map_err(|e| e.to_string()),
+                None => Err(format!(
+                    "unknown server {s:?}: expected wshub, wshub:<policy>, ktor or axum"
+                )),
+            },
+        }
+    }
+}
+
+/// Runs a server in this (child) process until stdin closes.
+pub fn child_main(kind: Kind) -> ! {
+    let _ = sys::raise_file_limit();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result: std::io::Result<()> = runtime.block_on(async move {
+        let listener = listen().await?;
+        let addr = listener.local_addr()?;
+        let connections = Arc::new(AtomicU64::new(0));
+        let count: Box<dyn Fn() -> u64 + Send + Sync> = match kind {
+            Kind::Wshub(policy) => {
+                let hub = Hub::with_config(HubConfig::default().capacity(CAPACITY).policy(policy))
+                    .map_err(std::io::Error::other)?;
+                tokio::spawn(serve_wshub(listener, hub.clone()));
+                Box::new(move || hub.subscriber_count() as u64)
+            }
+            Kind::Ktor => {
+                tokio::spawn(serve_ktor(listener, connections.clone()));
+                Box::new(move || connections.load(Ordering::Relaxed))
+            }
+            Kind::Axum => {
+                let (tx, _) = broadcast::channel::<String>(CAPACITY);
+                tokio::spawn(serve_axum(listener, tx.clone()));
+                Box::new(move || tx.receiver_count() as u64)
+            }
+        };
+        println!("addr {addr}");
+        std::io::stdout().flush()?;
+        // stdin is read on a plain thread; the runtime keeps serving.
+        tokio::task::spawn_blocking(move || {
+            let stdin = std::io::stdin();
+            for line in stdin.lock().lines() {
+                let Ok(line) = line else { break };
+                if line.trim() == "stats" {
+                    let rss = sys::rss_kib(None).unwrap_or(0);
+                    println!("stats {} {} {}", sys::own_cpu_micros(), rss, count());
+                    let _ = std::io::stdout().flush();
+                }
+            }
+        })
+        .await
+        .map_err(std::io::Error::other)
+    });
+    if let Err(err) = result {
+        eprintln!("server: {err}");
+        std::process::exit(1);
+    }
+    std::process::exit(0)
+}
+
+/// A loopback listener with a backlog deep enough for bursts of handshakes.
+async fn listen() -> std::io::Result<TcpListener> {
+    let socket = TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    socket.listen(4096)
+}
+
+async fn serve_wshub(listener: TcpListener, hub: Hub) {
+    let server = Server::new().route("/ws", move |mut session| {
+        let hub = hub.clone();
+        async move {
+            let subscription = hub.subscribe();
+            session.join(subscription).await;
+        }
+    });
+    if let Err(err) = server.serve(listener, std::future::pending()).await {
+        eprintln!("server: {err}");
+    }
+}
+
+async fn accept_loop<F, Fut>(listener: TcpListener, mut per_connection: F)
+where
+    F: FnMut(TcpStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((tcp, _)) => {
+                let _ = tcp.set_nodelay(true);
+                tokio::spawn(per_connection(tcp));
+            }
+            // Out of files: wait for some to close, as a production server would.
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    }
+}
+
+type KtorSet = Arc<Mutex<HashMap<u64, mpsc::Sender<Message>>>>;
+
+async fn serve_ktor(listener: TcpListener, connections: Arc<AtomicU64>) {
+    let set: KtorSet = Arc::default();
+    let next_id = Arc::new(AtomicU64::new(0));
+    accept_loop(listener, move |tcp| {
+        let set = set.clone();
+        let id = next_id.fetch_add(1, Ordering::Relaxed);
+        let connections = connections.clone();
+        async move {
+            let Ok(ws) = tokio_tungstenite::accept_async(tcp).await else {
+                return;
+            };
+            let (mut sink, mut stream) = ws.split();
+            let (tx, mut rx) = mpsc::channel::<Message>(KTOR_OUTGOING);
+            // Ktor's writer: serialize what is queued, flush when the queue is empty.
+            let writer = tokio::spawn(async move {
+                while let Some(msg) = rx.recv().await {
+                    if sink.feed(msg).await.is_err() {
+                        return;
+                    }
+                    while let Ok(msg) = rx.try_recv() {
+                        if sink.feed(msg).await.is_err() {
+                            return;
+                        }
+                    }
+                    if sink.flush().await.is_err() {
+                        return;
+                    }
+                }
+            });
+            set.lock().await.insert(id, tx);
+            connections.fetch_add(1, Ordering::Relaxed);
+            while let Some(Ok(msg)) = stream.next().await {
+                if let Message::Text(text) = msg {
+                    // `frame.readText()`, then `connections.forEach { it.session.send(text) }`.
+                    let text = text.to_string();
+                    let set = set.lock().await;
+                    for tx in set.values() {
+                        let _ = tx.send(Message::text(text.clone())).await;
+                    }
+                }
+            }
+            set.lock().await.remove(&id);
+            connections.fetch_sub(1, Ordering::Relaxed);
+            writer.abort();
+        }
+    })
+    .await
+}
+
+async fn serve_axum(listener: TcpListener, tx: broadcast::Sender<String>) {
+    accept_loop(listener, move |tcp| {
+        let tx = tx.clone();
+        async move {
+            let Ok(ws) = tokio_tungstenite::accept_async(tcp).await else {
+                return;
+            };
+            let (mut sink, mut stream) = ws.split();
+            let mut rx = tx.subscribe();
+            let mut send_task = tokio::spawn(async move {
+                while let Ok(msg) = rx.recv().await {
+                    if sink.send(Message::text(msg)).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut recv_task = tokio::spawn(async move {
+                while let Some(Ok(Message::Text(text))) = stream.next().await {
+                    let _ = tx.send(text.to_string());
+                }
+            });
+            tokio::select! {
+                _ = &mut send_task => recv_task.abort(),
+                _ = &mut recv_task => send_task.abort(),
+            }
+        }
+    })
+    .await
+}

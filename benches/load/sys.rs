@@ -1,0 +1,71 @@
+//! Process accounting: open-file limit, CPU time and resident memory.
+
+use std::io;
+
+use nix::sys::resource::{Resource, UsageWho, getrlimit, getrusage, setrlimit};
+use nix::sys::time::TimeValLike;
+
+/// The open-file limit after raising the soft limit to the hard one.
+#[derive(Debug, Clone, Copy)]
+pub struct FileLimit {
+    /// The soft limit this process now runs with.
+    pub soft: u64,
+    /// The hard limit, which only root outside this sandbox could raise.
+    pub hard: u64,
+}
+
+/// Raises `RLIMIT_NOFILE`'s soft limit to its hard limit, so nobody has to
+/// run `ulimit -n` before a benchmark.
+pub fn raise_file_limit() -> io::Result<FileLimit> {
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io::Error::from)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(io::Error::from)?;
+    }
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io::Error::from)?;
+    Ok(FileLimit { soft, hard })
+}
+
+/// User plus system CPU time this process has used, in microseconds, from
+/// the kernel's own accounting (`getrusage`).
+pub fn own_cpu_micros() -> u64 {
+    match getrusage(UsageWho::RUSAGE_SELF) {
+        Ok(usage) => {
+            (usage.user_time().num_microseconds() + usage.system_time().num_microseconds()) as u64
+        }
+        Err(_) => 0,
+    }
+}
+
+/// CPU time of another process in microseconds, from `/proc/PID/stat`
+/// (user + system clock ticks; Linux reports them at 100 per second).
+pub fn process_cpu_micros(pid: u32) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces; fields after it are plain.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| io::Error::other("unreadable /proc stat"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After ")": state is field 3, so utime (14) and stime (15) sit at 11 and 12.
+    let ticks = |i: usize| -> io::Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| io::Error::other("unreadable /proc stat"))
+    };
+    Ok((ticks(11)? + ticks(12)?) * 10_000)
+}
+
+/// Resident set size in KiB of `pid`, or of this process when `None`.
+pub fn rss_kib(pid: Option<u32>) -> io::Result<u64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/status"),
+        None => "/proc/self/status".to_string(),
+    };
+    let status = std::fs::read_to_string(path)?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| io::Error::other("no VmRSS line"))
+}
