@@ -73,8 +73,13 @@ pub struct Config {
     pub max_message_size: Option<usize>,
     /// The read buffer each connection allocates up front, in bytes.
     ///
-    /// Default: 4 KiB (tungstenite's is 128 KiB, which is 1.3 GB at 10,000
-    /// connections). Larger messages still arrive whole; they take more reads.
+    /// Default: 512 bytes (tungstenite's is 128 KiB, which is 1.3 GB at
+    /// 10,000 connections). The buffer is allocated up front and filled in
+    /// full on every read, so it is most of an idle connection's memory.
+    /// Larger messages still arrive whole, but each read takes at most this
+    /// many bytes: raise it (to 4–64 KiB) where clients upload large
+    /// messages, at that cost per connection. A buffer grown for a large
+    /// frame keeps its size.
     pub read_buffer_size: usize,
     /// How many bytes of outgoing frames are gathered before a write to the
     /// socket; a flush writes whatever is gathered.
@@ -105,7 +110,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             max_frame_size: Some(1 << 20),
             max_message_size: Some(1 << 20),
-            read_buffer_size: 4 << 10,
+            read_buffer_size: 512,
             write_buffer_size: 16 << 10,
             outgoing_capacity: 64,
             max_batch: 64,
@@ -305,7 +310,7 @@ mod tests {
     fn defaults_are_small_per_connection() {
         let c = Config::default();
         let ws = c.websocket_config();
-        assert_eq!(ws.read_buffer_size, 4096);
+        assert_eq!(ws.read_buffer_size, 512);
         assert_eq!(ws.write_buffer_size, 16384);
         assert_eq!(ws.max_message_size, Some(1 << 20));
         assert_eq!(ws.max_frame_size, Some(1 << 20));

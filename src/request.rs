@@ -3,7 +3,37 @@
 use std::borrow::Cow;
 use std::net::SocketAddr;
 
-use http::{HeaderMap, Method, Uri};
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Method, Uri};
+
+/// A URI whose text no longer points into the HTTP server's read buffer
+/// (hyper parses into slices of its 8 KiB buffer, which a session would
+/// otherwise keep alive for its whole life).
+fn owned_uri(uri: Uri) -> Uri {
+    Uri::from_maybe_shared(Bytes::from(uri.to_string())).unwrap_or(uri)
+}
+
+/// The header values copied into one buffer of their own, for the same reason.
+fn owned_headers(headers: HeaderMap) -> HeaderMap {
+    let total = headers.values().map(|v| v.len()).sum();
+    let mut text = BytesMut::with_capacity(total);
+    for value in headers.values() {
+        text.extend_from_slice(value.as_bytes());
+    }
+    let mut text = text.freeze();
+    let mut owned = HeaderMap::with_capacity(headers.len());
+    for (name, value) in &headers {
+        let copy = match HeaderValue::from_maybe_shared(text.split_to(value.len())) {
+            Ok(mut copy) => {
+                copy.set_sensitive(value.is_sensitive());
+                copy
+            }
+            Err(_) => value.clone(),
+        };
+        owned.append(name.clone(), copy);
+    }
+    owned
+}
 
 /// The upgrade request of a session: path, query, headers and the peer's address.
 ///
@@ -32,8 +62,8 @@ impl Request {
         let (parts, _) = request.into_parts();
         Request {
             method: parts.method,
-            uri: parts.uri,
-            headers: parts.headers,
+            uri: owned_uri(parts.uri),
+            headers: owned_headers(parts.headers),
             peer,
         }
     }

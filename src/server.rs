@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
+use futures_util::FutureExt as _;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -24,7 +25,7 @@ use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
 
@@ -257,10 +258,9 @@ impl Server {
         Fut: Future + Send + 'static,
         Fut::Output: HandlerOutput,
     {
-        let handler: Handler = Arc::new(move |session| {
-            let fut = handler(session);
-            Box::pin(async move { fut.await.into_error() })
-        });
+        // `map` rather than an async block, which would hold the future twice.
+        let handler: Handler =
+            Arc::new(move |session| Box::pin(handler(session).map(HandlerOutput::into_error)));
         self.routes.insert(
             path.to_owned(),
             Arc::new(Route {
@@ -470,6 +470,44 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
 
 /// One TCP connection: HTTP until an upgrade, then the WebSocket session.
 async fn connection(tcp: TcpStream, peer: SocketAddr, app: Arc<Server>, stop: CancellationToken) {
+    // The handshake's state is large and short-lived: boxed, it is freed at
+    // the upgrade, and the task that lives as long as the session stays small.
+    let Some((session, send_task, handler)) = Box::pin(open(tcp, peer, app, &stop)).await else {
+        return;
+    };
+    let out = session.outgoing();
+    let _guard = out.kill_on_drop();
+    let id = session.id();
+    tracing::debug!(session = id, %peer, "session open");
+    let handler = handler(session);
+    tokio::pin!(handler);
+    // Watched here, once per connection, rather than in every send-task wake-up.
+    let failure = tokio::select! {
+        failure = &mut handler => failure,
+        _ = stop.cancelled() => {
+            out.close_for_shutdown();
+            handler.await
+        }
+    };
+    match failure {
+        Some(err) => {
+            tracing::warn!(session = id, error = %err, "handler failed");
+            out.close(close_reason(CloseCode::Error, "internal error"));
+        }
+        None => out.close(close_reason(CloseCode::Normal, "")),
+    }
+    let _ = send_task.await;
+    tracing::debug!(session = id, reason = ?out.close_reason(), "session closed");
+}
+
+/// Serves the HTTP request on `tcp` and, once upgraded, starts the session:
+/// returns it with its send task and its route's handler.
+async fn open(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    app: Arc<Server>,
+    stop: &CancellationToken,
+) -> Option<(Session, JoinHandle<()>, Handler)> {
     let upgrade: Arc<Mutex<Option<Upgrade>>> = Arc::new(Mutex::new(None));
     let service = {
         let app = app.clone();
@@ -499,15 +537,14 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, app: Arc<Server>, stop: Ca
                 tracing::debug!(%peer, error = %err, "HTTP connection failed");
             }
         }
-        _ = stop.cancelled() => return,
+        _ = stop.cancelled() => return None,
     }
-    let accepted = upgrade.lock().unwrap_or_else(|p| p.into_inner()).take();
-    let Some(accepted) = accepted else { return };
+    let accepted = upgrade.lock().unwrap_or_else(|p| p.into_inner()).take()?;
     let upgraded = match accepted.on_upgrade.await {
         Ok(upgraded) => upgraded,
         Err(err) => {
             tracing::debug!(%peer, error = %err, "upgrade failed");
-            return;
+            return None;
         }
     };
     let (session, send_task) = Session::start_upgraded(
@@ -520,29 +557,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, app: Arc<Server>, stop: Ca
         },
     )
     .await;
-    let out = session.outgoing();
-    let _guard = out.kill_on_drop();
-    let id = session.id();
-    tracing::debug!(session = id, %peer, "session open");
-    let handler = (accepted.route.handler)(session);
-    tokio::pin!(handler);
-    // Watched here, once per connection, rather than in every send-task wake-up.
-    let failure = tokio::select! {
-        failure = &mut handler => failure,
-        _ = stop.cancelled() => {
-            out.close_for_shutdown();
-            handler.await
-        }
-    };
-    match failure {
-        Some(err) => {
-            tracing::warn!(session = id, error = %err, "handler failed");
-            out.close(close_reason(CloseCode::Error, "internal error"));
-        }
-        None => out.close(close_reason(CloseCode::Normal, "")),
-    }
-    let _ = send_task.await;
-    tracing::debug!(session = id, reason = ?out.close_reason(), "session closed");
+    Some((session, send_task, accepted.route.handler.clone()))
 }
 
 #[cfg(test)]

@@ -954,7 +954,8 @@ impl SendTask {
         match stop {
             Stop::Kill => {}
             Stop::Broken(reason) => self.shared.set_reason(reason),
-            Stop::Close(request) => self.close(request).await,
+            // Boxed, as below: rare or bursty paths, kept out of the idle task's size.
+            Stop::Close(request) => Box::pin(self.close(request)).await,
         }
         self.sub = None;
         self.shared.kill();
@@ -978,7 +979,7 @@ impl SendTask {
             if fast_runs < self.max_batch && !self.shared.wake.is_rung() {
                 if let Some(result) = self.try_forwarded() {
                     fast_runs += 1;
-                    if let Err(stop) = self.batch(None, Some(result)).await {
+                    if let Err(stop) = Box::pin(self.batch(None, Some(result))).await {
                         return stop;
                     }
                     continue;
@@ -1012,7 +1013,7 @@ impl SendTask {
                     }
                 }
                 _ = self.ping.tick() => {
-                    if let Err(stop) = self.send_ping().await {
+                    if let Err(stop) = Box::pin(self.send_ping()).await {
                         return stop;
                     }
                 }
@@ -1025,12 +1026,12 @@ impl SendTask {
                             drain_hub: false,
                         });
                     };
-                    if let Err(stop) = self.batch(Some(command), None).await {
+                    if let Err(stop) = Box::pin(self.batch(Some(command), None)).await {
                         return stop;
                     }
                 }
                 result = recv_forwarded(&mut self.sub) => {
-                    if let Err(stop) = self.batch(None, Some(result)).await {
+                    if let Err(stop) = Box::pin(self.batch(None, Some(result))).await {
                         return stop;
                     }
                 }

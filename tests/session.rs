@@ -341,6 +341,21 @@ impl RawReader {
 // ---------------------------------------------------------------------------
 
 #[tokio::test]
+async fn a_message_far_larger_than_the_read_buffer_arrives_whole() {
+    // The default read buffer is 512 bytes; a 600 KiB message takes many reads.
+    let (server, _reports) = echo_server(Config::default()).await;
+    let mut client = server.connect("/echo").await;
+    let big: Vec<u8> = (0..600 << 10).map(|i| (i % 251) as u8).collect();
+    client.send(Message::binary(big.clone())).await;
+    match client.recv().await {
+        Message::Binary(echoed) => assert!(echoed[..] == big[..], "the echo differs"),
+        other => panic!("expected the 600 KiB echo, got {other:?}"),
+    }
+    client.close(None).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn message_over_max_message_size_is_closed_with_1009() {
     let (server, mut reports) = echo_server(Config::default().max_message_size(Some(1024))).await;
     let mut client = server.connect("/echo").await;

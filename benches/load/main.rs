@@ -175,9 +175,11 @@ fn scenario(name: &str, file_limit: u64) -> Result<Vec<Scenario>, String> {
             }
             variants.push(variant(Kind::Ktor));
             variants.push(variant(Kind::Axum));
+            // 2,000 messages: twice the hub's buffer, so slow clients overflow it.
             vec![Scenario {
                 payload: 1024,
                 slow: 10,
+                duration: 20.0,
                 variants,
                 ..fanout(name, 1000, 1, 100.0)
             }]
