@@ -19,8 +19,10 @@ use futures_util::task::AtomicWaker;
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::collections::VecDeque;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, oneshot};
+
+use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Interval, MissedTickBehavior, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
@@ -69,7 +71,6 @@ pub struct Session {
 /// ([`Config::outgoing_capacity`]) and written in order by its send task.
 #[derive(Clone)]
 pub struct Outgoing {
-    commands: mpsc::Sender<Command>,
     shared: Arc<Shared>,
 }
 
@@ -81,8 +82,14 @@ struct Shared {
     kill: CancellationToken,
     /// A close the send task must perform, with priority over queued data.
     close_request: Mutex<Option<CloseRequest>>,
-    /// Rung for a close request, a kill or new settings; only the send task waits.
+    /// Rung for a kill, a close request, new settings or a queued command;
+    /// only the send task waits. The flags below say which, without locks.
     wake: Signal,
+    killed: AtomicBool,
+    close_pending: AtomicBool,
+    settings_changed: AtomicBool,
+    /// The session's own outgoing queue: `send`, `flush` and `join` go here.
+    queue: Queue,
     pongs: AtomicU64,
     reader_gone: AtomicBool,
     /// A server runs the handler and closes the session itself when it returns.
@@ -144,6 +151,92 @@ impl Signal {
     }
 }
 
+/// A session's own outgoing queue (Ktor's `outgoing` channel): bounded, in
+/// order, and free while empty (a channel would allocate its first block of
+/// slots for every session up front).
+struct Queue {
+    items: Mutex<VecDeque<Command>>,
+    capacity: usize,
+    /// Senders waiting for room.
+    room: Notify,
+    /// Set when the send task has ended: nothing more is accepted.
+    closed: AtomicBool,
+}
+
+/// Why a command was not queued; it is handed back.
+enum Refused {
+    Full(Command),
+    Closed(Command),
+}
+
+impl Queue {
+    fn new(capacity: usize) -> Queue {
+        Queue {
+            items: Mutex::new(VecDeque::new()),
+            capacity: capacity.max(1),
+            room: Notify::new(),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Command>> {
+        self.items.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn try_push(&self, command: Command) -> Result<(), Refused> {
+        let mut items = self.lock();
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Refused::Closed(command));
+        }
+        if items.len() >= self.capacity {
+            return Err(Refused::Full(command));
+        }
+        items.push_back(command);
+        Ok(())
+    }
+
+    /// Queues `command`, waiting while the queue is full; hands it back
+    /// once the send task has ended.
+    async fn push(&self, mut command: Command) -> Result<(), Command> {
+        loop {
+            // Registered before the check, so room made in between is not missed.
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            match self.try_push(command) {
+                Ok(()) => return Ok(()),
+                Err(Refused::Closed(back)) => return Err(back),
+                Err(Refused::Full(back)) => command = back,
+            }
+            room.await;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    fn pop(&self) -> Option<Command> {
+        let mut items = self.lock();
+        let was_full = items.len() >= self.capacity;
+        let command = items.pop_front();
+        drop(items);
+        if was_full {
+            self.room.notify_one();
+        }
+        command
+    }
+
+    /// Refuses everything from now on and drops what is queued (so pending
+    /// flushes return); waiting senders get their command back.
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let dropped = std::mem::take(&mut *self.lock());
+        self.room.notify_waiters();
+        drop(dropped);
+    }
+}
+
 /// Kills a session when dropped (the server's connection task holds one).
 pub(crate) struct KillOnDrop(Arc<Shared>);
 
@@ -175,11 +268,27 @@ impl Shared {
         let mut slot = self.close_request.lock().unwrap_or_else(|p| p.into_inner());
         slot.get_or_insert(request);
         drop(slot);
+        self.close_pending.store(true, Ordering::Release);
         self.wake.ring();
+    }
+
+    /// Queues a command for the send task, waiting for room.
+    async fn push(&self, command: Command) -> Result<(), Command> {
+        self.queue.push(command).await?;
+        self.wake.ring();
+        Ok(())
+    }
+
+    /// Queues a command for the send task if there is room.
+    fn try_push(&self, command: Command) -> Result<(), Refused> {
+        self.queue.try_push(command)?;
+        self.wake.ring();
+        Ok(())
     }
 
     /// Ends the connection now: both sides stop.
     fn kill(&self) {
+        self.killed.store(true, Ordering::Release);
         self.kill.cancel();
         self.wake.ring();
     }
@@ -341,6 +450,10 @@ impl Session {
             kill: CancellationToken::new(),
             close_request: Mutex::new(None),
             wake: Signal::default(),
+            killed: AtomicBool::new(false),
+            close_pending: AtomicBool::new(false),
+            settings_changed: AtomicBool::new(false),
+            queue: Queue::new(config.outgoing_capacity),
             pongs: AtomicU64::new(0),
             reader_gone: AtomicBool::new(false),
             managed: setup.managed,
@@ -351,10 +464,8 @@ impl Session {
             max_frame_size: config.websocket_config().max_frame_size,
             max_message_size: config.max_message_size,
         });
-        let (tx, rx) = mpsc::channel(config.outgoing_capacity.max(1));
         let task = SendTask {
             sink: writer,
-            commands: rx,
             shared: shared.clone(),
             sub: None,
             send_timeout: config.send_timeout,
@@ -365,10 +476,7 @@ impl Session {
         let handle = tokio::spawn(task.run());
         let session = Session {
             reader: Some(reader),
-            out: Outgoing {
-                commands: tx,
-                shared,
-            },
+            out: Outgoing { shared },
             request: Arc::new(setup.request),
             raw: setup.raw,
             finished: false,
@@ -634,7 +742,11 @@ impl Session {
                 .unwrap_or_else(|p| p.into_inner()),
         );
         // The wake-up bypasses the outgoing queue, so it works even when the
-        // queue is full; the send task re-reads the settings on every wake.
+        // queue is full.
+        self.out
+            .shared
+            .settings_changed
+            .store(true, Ordering::Release);
         self.out.shared.wake.ring();
     }
 
@@ -661,8 +773,8 @@ impl Session {
         let hub = subscription.hub().clone();
         if self
             .out
-            .commands
-            .send(Command::Forward(subscription))
+            .shared
+            .push(Command::Forward(subscription))
             .await
             .is_ok()
         {
@@ -732,8 +844,8 @@ impl Outgoing {
         let Some(msg) = self.admit(msg.into())? else {
             return Ok(());
         };
-        self.commands
-            .send(Command::Send(msg))
+        self.shared
+            .push(Command::Send(msg))
             .await
             .map_err(|_| self.shared.closed_error())
     }
@@ -748,11 +860,9 @@ impl Outgoing {
         let Some(msg) = self.admit(msg.into())? else {
             return Ok(());
         };
-        match self.commands.try_send(Command::Send(msg)) {
+        match self.shared.try_push(Command::Send(msg)) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(Command::Send(msg))) => {
-                Err(Error::QueueFull(Box::new(msg)))
-            }
+            Err(Refused::Full(Command::Send(msg))) => Err(Error::QueueFull(Box::new(msg))),
             Err(_) => Err(self.shared.closed_error()),
         }
     }
@@ -786,7 +896,7 @@ impl Outgoing {
     /// None today; see [`Session::flush`].
     pub async fn flush(&self) -> Result<(), Error> {
         let (done, written) = oneshot::channel();
-        if self.is_closed() || self.commands.send(Command::Flush(done)).await.is_err() {
+        if self.is_closed() || self.shared.push(Command::Flush(done)).await.is_err() {
             return Ok(());
         }
         // A dropped sender means the session ended: nothing is left to flush.
@@ -921,7 +1031,6 @@ enum Stop {
 /// The send task: owns the write side of one session.
 struct SendTask {
     sink: Transport,
-    commands: mpsc::Receiver<Command>,
     shared: Arc<Shared>,
     sub: Option<Forwarding>,
     send_timeout: Duration,
@@ -945,6 +1054,13 @@ impl Forwarding {
             lag_notice: config.lag_notice.clone(),
             sub,
         }
+    }
+}
+
+impl Drop for SendTask {
+    fn drop(&mut self) {
+        // Ended or aborted: senders must not wait for a task that is gone.
+        self.shared.queue.close();
     }
 }
 
@@ -989,16 +1105,26 @@ impl SendTask {
             let pong_deadline = self.ping.deadline;
             tokio::select! {
                 biased;
-                // Kills, close requests (server shutdown included) and new
-                // settings all ring one signal: a single atomic on the hot path.
+                // Kills, close requests (server shutdown included), new
+                // settings and queued commands all ring one signal, so an idle
+                // send task waits on one atomic, one timer and the hub.
                 _ = self.shared.wake.rung() => {
-                    if self.shared.kill.is_cancelled() {
+                    if self.shared.killed.load(Ordering::Acquire) {
                         return Stop::Kill;
                     }
-                    if let Some(request) = self.shared.take_close_request() {
-                        return Stop::Close(request);
+                    if self.shared.close_pending.load(Ordering::Acquire) {
+                        if let Some(request) = self.shared.take_close_request() {
+                            return Stop::Close(request);
+                        }
                     }
-                    self.ping.apply(self.shared.settings());
+                    if self.shared.settings_changed.swap(false, Ordering::AcqRel) {
+                        self.ping.apply(self.shared.settings());
+                    }
+                    if let Some(command) = self.shared.queue.pop() {
+                        if let Err(stop) = Box::pin(self.batch(Some(command), None)).await {
+                            return stop;
+                        }
+                    }
                 }
                 _ = sleep_until_some(pong_deadline) => {
                     if self.shared.pongs.load(Ordering::Relaxed) > self.ping.pongs_at_ping {
@@ -1014,19 +1140,6 @@ impl SendTask {
                 }
                 _ = self.ping.tick() => {
                     if let Err(stop) = Box::pin(self.send_ping()).await {
-                        return stop;
-                    }
-                }
-                command = self.commands.recv() => {
-                    let Some(command) = command else {
-                        // Every handle is gone; Session's drop already asked to close.
-                        return Stop::Close(CloseRequest {
-                            reason: close_reason(CloseCode::Normal, ""),
-                            handshake: true,
-                            drain_hub: false,
-                        });
-                    };
-                    if let Err(stop) = Box::pin(self.batch(Some(command), None)).await {
                         return stop;
                     }
                 }
@@ -1065,7 +1178,7 @@ impl SendTask {
                 break;
             }
             // Take what is already waiting: the handler's queue first, then the hub.
-            if let Ok(cmd) = self.commands.try_recv() {
+            if let Some(cmd) = self.shared.queue.pop() {
                 command = Some(cmd);
                 continue;
             }
@@ -1077,6 +1190,10 @@ impl SendTask {
         self.flush().await?;
         for done in flush_waiters {
             let _ = done.send(());
+        }
+        if !self.shared.queue.is_empty() {
+            // `max_batch` left commands behind: come back for them.
+            self.shared.wake.ring();
         }
         Ok(())
     }
@@ -1196,7 +1313,7 @@ impl SendTask {
         self.shared.set_reason(request.reason.clone());
         let mut pending = Vec::new();
         let mut flush_waiters = Vec::new();
-        while let Ok(command) = self.commands.try_recv() {
+        while let Some(command) = self.shared.queue.pop() {
             match command {
                 Command::Send(msg) => pending.push(msg),
                 // A join queued behind other sends: its hub messages count too.

@@ -145,3 +145,24 @@ async fn from_upgraded_applies_the_configured_limits() {
     let reason = tokio::time::timeout(WAIT, handler).await.unwrap().unwrap();
     assert_eq!(reason.map(|r| r.code), Some(CloseCode::Size));
 }
+
+#[tokio::test]
+async fn queued_sends_beyond_one_batch_are_all_written_without_another_wake_up() {
+    // 30 sends queued at once, batches of 4: the send task must come back for
+    // the rest by itself, with nothing else happening on the session.
+    let (server_end, client_end) = tokio::io::duplex(1 << 20);
+    let config = quiet().max_batch(4).outgoing_capacity(64);
+    let session = Session::from_upgraded(server_end, Request::unknown(), &config).await;
+    for i in 0..30 {
+        session.try_send(i.to_string()).expect("room in the queue");
+    }
+    let mut client = WebSocketStream::from_raw_socket(client_end, Role::Client, None).await;
+    for i in 0..30 {
+        match tokio::time::timeout(WAIT, client.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => assert_eq!(text.as_str(), i.to_string()),
+            other => panic!("expected message {i}, got {other:?}"),
+        }
+    }
+    drop(session);
+    client.close(None).await.ok();
+}
