@@ -175,11 +175,13 @@ fn scenario(name: &str, file_limit: u64) -> Result<Vec<Scenario>, String> {
             }
             variants.push(variant(Kind::Ktor));
             variants.push(variant(Kind::Axum));
-            // 2,000 messages: twice the hub's buffer, so slow clients overflow it.
+            // 3,000 messages of 4 KiB: a stopped client fills its socket
+            // buffers (about 1 MiB on loopback) in seconds and then the
+            // hub's 1,024-message buffer, so every policy has to act.
             vec![Scenario {
-                payload: 1024,
+                payload: 4096,
                 slow: 10,
-                duration: 20.0,
+                duration: 30.0,
                 variants,
                 ..fanout(name, 1000, 1, 100.0)
             }]
@@ -216,11 +218,14 @@ fn scenario(name: &str, file_limit: u64) -> Result<Vec<Scenario>, String> {
 }
 
 /// What the server process reports about itself.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct ServerStats {
     cpu_us: Option<u64>,
     rss_kib: Option<u64>,
     connections: Option<u64>,
+    /// Named counters (wshub: its hub's `published`, `dropped`, `evicted`,
+    /// `lagged`, `disconnected`).
+    counters: BTreeMap<String, u64>,
 }
 
 /// The server under test: a child process of ours, or one given by URL.
@@ -312,21 +317,26 @@ impl Target {
                 {
                     return ServerStats::default();
                 }
-                let fields: Vec<u64> = line
+                let mut fields = line.split_whitespace().skip(1);
+                let mut number = || fields.next().and_then(|f| f.parse().ok());
+                let (cpu_us, rss_kib, connections) = (number(), number(), number());
+                let counters = line
                     .split_whitespace()
-                    .skip(1)
-                    .filter_map(|f| f.parse().ok())
+                    .filter_map(|f| f.split_once('='))
+                    .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
                     .collect();
                 ServerStats {
-                    cpu_us: fields.first().copied(),
-                    rss_kib: fields.get(1).copied(),
-                    connections: fields.get(2).copied(),
+                    cpu_us,
+                    rss_kib,
+                    connections,
+                    counters,
                 }
             }
             Target::External { pid: Some(pid), .. } => ServerStats {
                 cpu_us: sys::process_cpu_micros(*pid).ok(),
                 rss_kib: sys::rss_kib(Some(*pid)).ok(),
                 connections: None,
+                counters: BTreeMap::new(),
             },
             Target::External { pid: None, .. } => ServerStats::default(),
         }
@@ -375,6 +385,8 @@ struct RunResult {
     server_rss_end_kib: Option<u64>,
     kib_per_connection: Option<f64>,
     server_connections: Option<u64>,
+    /// The server's own counters at the end (wshub: what its policy did).
+    server_counters: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -511,6 +523,7 @@ async fn run_once(
         server_rss_end_kib: end.rss_kib,
         kib_per_connection: per_conn,
         server_connections: connected.connections,
+        server_counters: end.counters,
     })
 }
 
@@ -535,6 +548,8 @@ struct Summary {
     server_rss_end_mib: Option<f64>,
     kib_per_connection: Option<f64>,
     closed_by_server: u64,
+    /// Medians of the server's own counters (wshub: what its policy did).
+    server_counters: BTreeMap<String, f64>,
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -594,6 +609,18 @@ fn summarize(results: &[RunResult]) -> Vec<Summary> {
                     .map(|r| r.closed_by_server.values().sum::<u64>())
                     .max()
                     .unwrap_or(0),
+                server_counters: runs
+                    .iter()
+                    .flat_map(|r| r.server_counters.keys())
+                    .map(|key| {
+                        let values = runs
+                            .iter()
+                            .filter_map(|r| r.server_counters.get(key))
+                            .map(|&v| v as f64)
+                            .collect();
+                        (key.clone(), median(values))
+                    })
+                    .collect(),
                 scenario,
                 server,
             }
@@ -648,6 +675,30 @@ fn print_table(summaries: &[Summary]) {
             fmt_opt(s.kib_per_connection, 2),
             s.closed_by_server,
         );
+    }
+    for s in summaries {
+        let acted: Vec<String> = ["dropped", "evicted", "lagged", "disconnected"]
+            .iter()
+            .filter_map(|k| s.server_counters.get(*k).map(|v| format!("{k} {v}")))
+            .collect();
+        if s.server_counters
+            .iter()
+            .any(|(k, v)| k != "published" && *v > 0.0)
+        {
+            println!("  {} hub counters: {}", s.server, acted.join(", "));
+        }
+    }
+    if let Some(calm) = summaries
+        .iter()
+        .find(|s| s.server.contains("no slow clients"))
+    {
+        for s in summaries.iter().filter(|s| s.server != calm.server) {
+            println!(
+                "  {:<24} p99 / p99 without slow clients: {:.2}",
+                s.server,
+                s.p99_ms / calm.p99_ms
+            );
+        }
     }
     let Some(ours) = summaries.iter().find(|s| s.server == "wshub") else {
         return;

@@ -3,7 +3,8 @@
 //! Each runs in a child process of the benchmark so that its CPU time and
 //! memory are its own. The child prints `addr <socket address>` on stdout,
 //! answers every `stats` line on stdin with `stats <cpu µs> <rss KiB>
-//! <connections>`, and exits when stdin closes.
+//! <connections> [name=value...]` (wshub adds its hub's counters), and exits
+//! when stdin closes.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -80,21 +81,27 @@ pub fn child_main(kind: Kind) -> ! {
         let listener = listen().await?;
         let addr = listener.local_addr()?;
         let connections = Arc::new(AtomicU64::new(0));
-        let count: Box<dyn Fn() -> u64 + Send + Sync> = match kind {
+        let count: Box<dyn Fn() -> String + Send + Sync> = match kind {
             Kind::Wshub(policy) => {
                 let hub = Hub::with_config(HubConfig::default().capacity(CAPACITY).policy(policy))
                     .map_err(std::io::Error::other)?;
                 tokio::spawn(serve_wshub(listener, hub.clone()));
-                Box::new(move || hub.subscriber_count() as u64)
+                Box::new(move || {
+                    let s = hub.stats();
+                    format!(
+                        "{} published={} dropped={} evicted={} lagged={} disconnected={}",
+                        s.subscribers, s.published, s.dropped, s.evicted, s.lagged, s.disconnected
+                    )
+                })
             }
             Kind::Ktor => {
                 tokio::spawn(serve_ktor(listener, connections.clone()));
-                Box::new(move || connections.load(Ordering::Relaxed))
+                Box::new(move || connections.load(Ordering::Relaxed).to_string())
             }
             Kind::Axum => {
                 let (tx, _) = broadcast::channel::<String>(CAPACITY);
                 tokio::spawn(serve_axum(listener, tx.clone()));
-                Box::new(move || tx.receiver_count() as u64)
+                Box::new(move || tx.receiver_count().to_string())
             }
         };
         println!("addr {addr}");
