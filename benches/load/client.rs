@@ -134,8 +134,12 @@ pub async fn connect(
         ProgressStyle::with_template("  connecting {bar:40} {pos}/{len} {elapsed}")
             .expect("progress template"),
     );
-    let slow_every = clients.checked_div(slow).unwrap_or(0);
-    let is_slow = move |i: usize| slow_every > 0 && i >= publishers && i % slow_every == 0;
+    // Exactly `slow` of the non-publishing clients, spread evenly: as k runs
+    // over 0..others, k·slow mod others falls below `slow` exactly `slow` times.
+    let others = clients.saturating_sub(publishers);
+    let slow = slow.min(others);
+    let is_slow =
+        move |i: usize| slow > 0 && i >= publishers && (i - publishers) * slow % others < slow;
     // Each fleet takes fresh source addresses (127.N.0.x), so the ports a
     // previous run left in TIME_WAIT never collide with this run's.
     static FLEETS: AtomicU64 = AtomicU64::new(0);
