@@ -11,6 +11,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
@@ -171,7 +173,31 @@ pub struct Server {
     config: Config,
     hook: Option<Hook>,
     shutdown_timeout: Duration,
+    max_connections: Option<usize>,
+    max_handshakes: usize,
+    /// Sessions open or reserved by an accepted upgrade; counted per `serve`.
+    live: Arc<AtomicUsize>,
 }
+
+/// A slot among [`Server::max_connections`], held from the accepted upgrade
+/// to the end of the session.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What a client past [`Server::max_handshakes`] gets before its connection
+/// is closed: the server has not read its request, so it answers at once.
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+Content-Type: text/plain; charset=utf-8\r\n\
+Retry-After: 1\r\n\
+Connection: close\r\n\
+Content-Length: 49\r\n\
+\r\n\
+too many handshakes in progress; try again later\n";
 
 impl Default for Server {
     fn default() -> Self {
@@ -188,6 +214,8 @@ impl fmt::Debug for Server {
             .field("config", &self.config)
             .field("hook", &self.hook.is_some())
             .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("max_connections", &self.max_connections)
+            .field("max_handshakes", &self.max_handshakes)
             .finish()
     }
 }
@@ -200,7 +228,47 @@ impl Server {
             config: Config::default(),
             hook: None,
             shutdown_timeout: Duration::from_secs(10),
+            max_connections: Some(10_000),
+            max_handshakes: 1024,
+            live: Arc::default(),
         }
+    }
+
+    /// The most WebSocket sessions open at once; `None` for no limit.
+    ///
+    /// An upgrade request beyond it is answered `503 Service Unavailable`
+    /// (with `Retry-After: 1`) before upgrading, after the route, the
+    /// request's validity and the [handshake hook](Self::on_handshake) are
+    /// checked, so a client learns the most specific reason first.
+    ///
+    /// Default: 10,000. Each idle session costs wshub about 6 KiB plus the
+    /// kernel's socket buffers and one file descriptor: raise it together
+    /// with the process's open-file limit on a bigger machine, lower it to
+    /// keep memory bounded on a small one.
+    ///
+    /// ```
+    /// let server = wshub::Server::new().max_connections(Some(50_000));
+    /// ```
+    #[must_use]
+    pub fn max_connections(mut self, max: Option<usize>) -> Server {
+        self.max_connections = max;
+        self
+    }
+
+    /// The most connections still in their HTTP handshake at once (`0` is
+    /// taken as 1).
+    ///
+    /// A connection accepted beyond it gets `503 Service Unavailable`
+    /// straight away and is closed, without its request being read. Together
+    /// with [`Config::handshake_timeout`] this bounds what clients that open
+    /// connections and send nothing (slowloris) can hold; open sessions are
+    /// not affected.
+    ///
+    /// Default: 1,024.
+    #[must_use]
+    pub fn max_handshakes(mut self, max: usize) -> Server {
+        self.max_handshakes = max.max(1);
+        self
     }
 
     /// Sets the options every route uses unless it has its own.
@@ -324,7 +392,10 @@ impl Server {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> io::Result<()> {
-        let app = Arc::new(self);
+        let mut app = self;
+        app.live = Arc::default();
+        let handshakes = Arc::new(Semaphore::new(app.max_handshakes));
+        let app = Arc::new(app);
         let stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
         tokio::pin!(shutdown);
@@ -337,7 +408,16 @@ impl Server {
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         let _ = tcp.set_nodelay(true);
-                        tasks.spawn(connection(tcp, peer, app.clone(), stop.clone()));
+                        match handshakes.clone().try_acquire_owned() {
+                            Ok(permit) => {
+                                tasks.spawn(connection(tcp, peer, app.clone(), stop.clone(), permit));
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "too many handshakes in progress: 503");
+                                // Best effort: the answer fits any socket buffer.
+                                let _ = tcp.try_write(BUSY);
+                            }
+                        }
                     }
                     Err(err) => {
                         tracing::warn!(error = %err, "accept failed; pausing");
@@ -362,6 +442,20 @@ impl Server {
         Ok(())
     }
 
+    /// Takes a slot among `max_connections`, or says why not.
+    fn reserve(&self) -> Result<Slot, Rejection> {
+        let taken = self.live.fetch_add(1, Ordering::AcqRel);
+        let slot = Slot(self.live.clone());
+        match self.max_connections {
+            Some(max) if taken >= max => Err(Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("too many connections: this server holds at most {max} WebSocket sessions"),
+            )
+            .header(header::RETRY_AFTER, HeaderValue::from_static("1"))),
+            _ => Ok(slot),
+        }
+    }
+
     /// Decides what to do with one HTTP request: a rejection, or a 101 and the
     /// upgrade to run afterwards.
     fn respond(
@@ -382,6 +476,7 @@ impl Server {
         if let Some(hook) = &self.hook {
             hook(&request, &mut config)?;
         }
+        let slot = self.reserve()?;
         let mut response = http::Response::new(Full::new(Bytes::new()));
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         let headers = response.headers_mut();
@@ -395,6 +490,7 @@ impl Server {
                 route,
                 request,
                 config,
+                slot,
             },
         ))
     }
@@ -406,6 +502,7 @@ struct Upgrade {
     route: Arc<Route>,
     request: Request,
     config: Config,
+    slot: Slot,
 }
 
 /// Checks an upgrade request against RFC 6455 §4.2.1 and returns the
@@ -469,10 +566,18 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
 }
 
 /// One TCP connection: HTTP until an upgrade, then the WebSocket session.
-async fn connection(tcp: TcpStream, peer: SocketAddr, app: Arc<Server>, stop: CancellationToken) {
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    app: Arc<Server>,
+    stop: CancellationToken,
+    handshake: OwnedSemaphorePermit,
+) {
     // The handshake's state is large and short-lived: boxed, it is freed at
     // the upgrade, and the task that lives as long as the session stays small.
-    let Some((session, send_task, handler)) = Box::pin(open(tcp, peer, app, &stop)).await else {
+    let opened = Box::pin(open(tcp, peer, app, &stop)).await;
+    drop(handshake);
+    let Some((session, send_task, handler, _slot)) = opened else {
         return;
     };
     let out = session.outgoing();
@@ -507,7 +612,7 @@ async fn open(
     peer: SocketAddr,
     app: Arc<Server>,
     stop: &CancellationToken,
-) -> Option<(Session, JoinHandle<()>, Handler)> {
+) -> Option<(Session, JoinHandle<()>, Handler, Slot)> {
     let upgrade: Arc<Mutex<Option<Upgrade>>> = Arc::new(Mutex::new(None));
     let service = {
         let app = app.clone();
@@ -557,7 +662,12 @@ async fn open(
         },
     )
     .await;
-    Some((session, send_task, accepted.route.handler.clone()))
+    Some((
+        session,
+        send_task,
+        accepted.route.handler.clone(),
+        accepted.slot,
+    ))
 }
 
 #[cfg(test)]

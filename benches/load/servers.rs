@@ -137,13 +137,16 @@ async fn listen() -> std::io::Result<TcpListener> {
 }
 
 async fn serve_wshub(listener: TcpListener, hub: Hub) {
-    let server = Server::new().route("/ws", move |mut session| {
-        let hub = hub.clone();
-        async move {
-            let subscription = hub.subscribe();
-            session.join(subscription).await;
-        }
-    });
+    // The benchmark holds up to the open-file limit (about 20,000) sessions.
+    let server = Server::new()
+        .max_connections(None)
+        .route("/ws", move |mut session| {
+            let hub = hub.clone();
+            async move {
+                let subscription = hub.subscribe();
+                session.join(subscription).await;
+            }
+        });
     if let Err(err) = server.serve(listener, std::future::pending()).await {
         eprintln!("server: {err}");
     }

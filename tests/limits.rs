@@ -1,0 +1,171 @@
+//! Abuse limits on the server: at most `max_connections` sessions and
+//! `max_handshakes` connections still in their HTTP handshake; both answer
+//! 503 before upgrading, and both free their places again.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use wshub::testing::{TestClient, TestServer};
+use wshub::{Server, Session, tungstenite};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// Sessions that stay open until the client closes.
+fn echo_server() -> Server {
+    Server::new().route("/ws", |mut session: Session| async move {
+        while let Some(msg) = session.recv().await {
+            if session.send(msg).await.is_err() {
+                break;
+            }
+        }
+    })
+}
+
+/// The status and body of a refused upgrade.
+async fn refusal(server: &TestServer) -> (u16, String) {
+    match within("the refusal", server.try_connect("/ws")).await {
+        Err(tungstenite::Error::Http(response)) => {
+            let body = response.body().clone().unwrap_or_default();
+            let retry = response.headers().get("retry-after").cloned();
+            assert_eq!(
+                retry.as_ref().map(|v| v.as_bytes()),
+                Some(&b"1"[..]),
+                "503 carries Retry-After: 1"
+            );
+            (
+                response.status().as_u16(),
+                String::from_utf8_lossy(&body).into_owned(),
+            )
+        }
+        Err(err) => panic!("expected an HTTP refusal, got {err}"),
+        Ok(_) => panic!("expected an HTTP refusal, the upgrade succeeded"),
+    }
+}
+
+/// Connects, retrying while the server still counts a session that just
+/// ended (its slot is freed when the session's task finishes).
+async fn connect_once_a_slot_is_free(server: &TestServer) -> TestClient {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match server.try_connect("/ws").await {
+            Ok(client) => return client,
+            Err(tungstenite::Error::Http(r)) if r.status() == 503 && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(err) => panic!("connecting after a slot was freed failed: {err}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn sessions_beyond_max_connections_get_503_until_one_ends() {
+    let server = TestServer::start(echo_server().max_connections(Some(2))).await;
+    let mut first = server.connect("/ws").await;
+    let mut second = server.connect("/ws").await;
+
+    let (status, body) = refusal(&server).await;
+    assert_eq!(status, 503);
+    assert!(
+        body.contains("at most 2 WebSocket sessions"),
+        "the body says why: {body:?}"
+    );
+
+    // The open sessions are unaffected.
+    second.send("still here").await;
+    assert_eq!(second.recv_text().await, "still here");
+
+    // One ends: its place is free again, and only one place.
+    first.close(None).await;
+    let mut third = connect_once_a_slot_is_free(&server).await;
+    assert_eq!(refusal(&server).await.0, 503, "the limit still holds");
+
+    third.close(None).await;
+    second.close(None).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn connections_beyond_max_handshakes_get_503_at_once_and_sessions_go_on() {
+    let server = TestServer::start(echo_server().max_handshakes(2)).await;
+    let mut session = server.connect("/ws").await;
+    // An echo proves the session is running, so its handshake place is free.
+    session.send("first").await;
+    assert_eq!(session.recv_text().await, "first");
+
+    // Two connections that never send their request hold both handshake places.
+    let idle_a = TcpStream::connect(server.addr()).await.expect("connect");
+    let idle_b = TcpStream::connect(server.addr()).await.expect("connect");
+
+    // A third is answered 503 and closed without its request being read.
+    let mut third = TcpStream::connect(server.addr()).await.expect("connect");
+    let mut answer = String::new();
+    within("the 503 and the close", third.read_to_string(&mut answer))
+        .await
+        .expect("read the answer");
+    assert!(
+        answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+        "got {answer:?}"
+    );
+    assert!(
+        answer.contains("too many handshakes in progress"),
+        "got {answer:?}"
+    );
+
+    // The open session does not count against the handshake limit.
+    session.send("echo").await;
+    assert_eq!(session.recv_text().await, "echo");
+
+    // Once the idle connections go, handshakes are accepted again.
+    drop(idle_a);
+    drop(idle_b);
+    let mut later = connect_after_handshakes_free(&server).await;
+    later.send("hello").await;
+    assert_eq!(later.recv_text().await, "hello");
+
+    later.close(None).await;
+    session.close(None).await;
+    server.shutdown().await;
+}
+
+/// Connects, retrying while the server has not yet noticed that the idle
+/// connections closed.
+async fn connect_after_handshakes_free(server: &TestServer) -> TestClient {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match server.try_connect("/ws").await {
+            Ok(client) => return client,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(err) => panic!("connecting after the idle connections left failed: {err}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_handshake_hook_refuses_before_the_connection_limit_is_checked() {
+    let server = echo_server()
+        .max_connections(Some(0))
+        .on_handshake(|request, _| match request.query_param("token").as_deref() {
+            Some("secret") => Ok(()),
+            _ => Err(wshub::Rejection::unauthorized("missing token")),
+        });
+    let server = TestServer::start(server).await;
+    match within("the refusal", server.try_connect("/ws")).await {
+        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 401),
+        other => panic!("expected 401, got {:?}", other.map(|_| ())),
+    }
+    match within("the refusal", server.try_connect("/ws?token=secret")).await {
+        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 503),
+        other => panic!("expected 503, got {:?}", other.map(|_| ())),
+    }
+    server.shutdown().await;
+}
