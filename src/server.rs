@@ -175,6 +175,8 @@ pub struct Server {
     shutdown_timeout: Duration,
     max_connections: Option<usize>,
     max_handshakes: usize,
+    /// Lower-cased `Origin` values allowed to upgrade; `None` allows any.
+    allowed_origins: Option<Arc<[String]>>,
     /// Sessions open or reserved by an accepted upgrade; counted per `serve`.
     live: Arc<AtomicUsize>,
 }
@@ -216,6 +218,7 @@ impl fmt::Debug for Server {
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("max_connections", &self.max_connections)
             .field("max_handshakes", &self.max_handshakes)
+            .field("allowed_origins", &self.allowed_origins)
             .finish()
     }
 }
@@ -230,8 +233,39 @@ impl Server {
             shutdown_timeout: Duration::from_secs(10),
             max_connections: Some(10_000),
             max_handshakes: 1024,
+            allowed_origins: None,
             live: Arc::default(),
         }
+    }
+
+    /// Only these origins may open a session from a browser: an upgrade
+    /// request whose `Origin` header is not one of them gets `403 Forbidden`
+    /// (cross-site WebSocket hijacking: a page on another site cannot use
+    /// the visitor's cookies to open a session).
+    ///
+    /// Origins are compared as `scheme://host[:port]`, ignoring ASCII case.
+    /// A request without an `Origin` header (not from a browser) is allowed:
+    /// authenticate such clients in [`on_handshake`](Self::on_handshake).
+    /// Checked after the request's validity and before the handshake hook.
+    ///
+    /// Default: any origin.
+    ///
+    /// ```
+    /// let server = wshub::Server::new()
+    ///     .allowed_origins(["https://app.example.com", "http://localhost:3000"]);
+    /// ```
+    #[must_use]
+    pub fn allowed_origins<I, S>(mut self, origins: I) -> Server
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let origins: Vec<String> = origins
+            .into_iter()
+            .map(|o| o.as_ref().trim_end_matches('/').to_ascii_lowercase())
+            .collect();
+        self.allowed_origins = Some(origins.into());
+        self
     }
 
     /// The most WebSocket sessions open at once; `None` for no limit.
@@ -442,6 +476,23 @@ impl Server {
         Ok(())
     }
 
+    /// Refuses a browser `Origin` that is not allowed.
+    fn check_origin(&self, headers: &HeaderMap) -> Result<(), Rejection> {
+        let (Some(allowed), Some(origin)) = (&self.allowed_origins, headers.get(header::ORIGIN))
+        else {
+            return Ok(());
+        };
+        let text = String::from_utf8_lossy(origin.as_bytes());
+        let wanted = text.trim_end_matches('/').to_ascii_lowercase();
+        if allowed.iter().any(|a| *a == wanted) {
+            Ok(())
+        } else {
+            Err(Rejection::forbidden(format!(
+                "origin {text:?} is not allowed to open a WebSocket session here"
+            )))
+        }
+    }
+
     /// Takes a slot among `max_connections`, or says why not.
     fn reserve(&self) -> Result<Slot, Rejection> {
         let taken = self.live.fetch_add(1, Ordering::AcqRel);
@@ -470,6 +521,7 @@ impl Server {
             ));
         };
         let accept = check_upgrade(req.method(), req.version(), req.headers())?;
+        self.check_origin(req.headers())?;
         let on_upgrade = hyper::upgrade::on(&mut req);
         let request = Request::new(req, Some(peer));
         let mut config = route.config.clone().unwrap_or_else(|| self.config.clone());

@@ -1,6 +1,7 @@
 //! Abuse limits on the server: at most `max_connections` sessions and
-//! `max_handshakes` connections still in their HTTP handshake; both answer
-//! 503 before upgrading, and both free their places again.
+//! `max_handshakes` connections still in their HTTP handshake, both answered
+//! 503 before upgrading and both freeing their places again; and an `Origin`
+//! allow-list answered 403.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -167,5 +168,73 @@ async fn the_handshake_hook_refuses_before_the_connection_limit_is_checked() {
         Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 503),
         other => panic!("expected 503, got {:?}", other.map(|_| ())),
     }
+    server.shutdown().await;
+}
+
+/// Upgrades with the given `Origin` header (or none) and returns the HTTP
+/// status: 101 on success.
+async fn status_with_origin(server: &TestServer, origin: Option<&str>) -> u16 {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = server
+        .url("/ws")
+        .into_client_request()
+        .expect("a valid request");
+    if let Some(origin) = origin {
+        request
+            .headers_mut()
+            .insert("origin", origin.parse().expect("a header value"));
+    }
+    match within("the upgrade", tokio_tungstenite::connect_async(request)).await {
+        Ok((mut ws, response)) => {
+            let _ = ws.close(None).await;
+            response.status().as_u16()
+        }
+        Err(tungstenite::Error::Http(response)) => {
+            if response.status() == 403 {
+                let body = response.body().clone().unwrap_or_default();
+                let body = String::from_utf8_lossy(&body);
+                assert!(
+                    body.contains("is not allowed"),
+                    "the 403 says why: {body:?}"
+                );
+            }
+            response.status().as_u16()
+        }
+        Err(err) => panic!("upgrade failed without an HTTP answer: {err}"),
+    }
+}
+
+#[tokio::test]
+async fn only_allowed_origins_may_open_a_session_from_a_browser() {
+    let server = echo_server().allowed_origins(["https://app.example", "http://localhost:3000"]);
+    let server = TestServer::start(server).await;
+    assert_eq!(
+        status_with_origin(&server, Some("https://app.example")).await,
+        101
+    );
+    assert_eq!(
+        status_with_origin(&server, Some("HTTPS://APP.EXAMPLE")).await,
+        101
+    );
+    assert_eq!(
+        status_with_origin(&server, Some("http://localhost:3000")).await,
+        101
+    );
+    // Another site, another port, another scheme: refused before upgrading.
+    assert_eq!(
+        status_with_origin(&server, Some("https://evil.example")).await,
+        403
+    );
+    assert_eq!(
+        status_with_origin(&server, Some("http://localhost:3001")).await,
+        403
+    );
+    assert_eq!(
+        status_with_origin(&server, Some("http://app.example")).await,
+        403
+    );
+    assert_eq!(status_with_origin(&server, Some("null")).await, 403);
+    // No Origin header: not a browser, left to the handshake hook.
+    assert_eq!(status_with_origin(&server, None).await, 101);
     server.shutdown().await;
 }
