@@ -484,7 +484,7 @@ impl Server {
         };
         let text = String::from_utf8_lossy(origin.as_bytes());
         let wanted = text.trim_end_matches('/').to_ascii_lowercase();
-        if allowed.iter().any(|a| *a == wanted) {
+        if allowed.contains(&wanted) {
             Ok(())
         } else {
             Err(Rejection::forbidden(format!(
