@@ -98,6 +98,70 @@ pub struct Config {
     /// Default: 64. After one message the send task keeps taking whatever is
     /// already waiting, up to this many, then flushes once.
     pub max_batch: usize,
+    /// How fast one client may publish to the hub through
+    /// [`Session::join`](crate::Session::join); `None` for no limit.
+    ///
+    /// Default: `None`, as in Ktor: one client can then publish as fast as
+    /// the hub takes messages (and, under `Suspend`, as fast as the slowest
+    /// subscriber reads). Set a [`RateLimit`] where clients are not trusted.
+    pub publish_rate: Option<RateLimit>,
+}
+
+/// A per-connection token bucket on publishing: `per_second` messages a
+/// second on average, bursts of up to `burst`.
+///
+/// Every data message a client sends while joined takes a token; a message
+/// that finds none is excess, counted in
+/// [`HubStats::rate_limited`](crate::HubStats::rate_limited), and handled as
+/// [`excess`](Self::excess) says.
+///
+/// ```
+/// use wshub::{Config, Excess, RateLimit};
+/// let config = Config::default().publish_rate(Some(RateLimit::new(20, 40)));
+/// let lenient = RateLimit::new(20, 40).on_excess(Excess::Drop);
+/// # let _ = (config, lenient);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Tokens added per second.
+    pub per_second: u32,
+    /// The most tokens the bucket holds (`0` is taken as 1); a client that
+    /// was quiet may send this many at once.
+    pub burst: u32,
+    /// What an excess message does.
+    pub excess: Excess,
+}
+
+impl RateLimit {
+    /// `per_second` messages a second, bursts of `burst`; excess closes the
+    /// session.
+    pub fn new(per_second: u32, burst: u32) -> RateLimit {
+        RateLimit {
+            per_second,
+            burst,
+            excess: Excess::Close,
+        }
+    }
+
+    /// Sets [`excess`](Self::excess).
+    #[must_use]
+    pub fn on_excess(mut self, excess: Excess) -> RateLimit {
+        self.excess = excess;
+        self
+    }
+}
+
+/// What a message over the [`RateLimit`] does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Excess {
+    /// The session is closed with 1008 (Policy Violation) "publish rate
+    /// limit exceeded"; nothing the client sends after it is published. The
+    /// default: the client learns why, and nothing is lost without a word.
+    #[default]
+    Close,
+    /// The message is not published; the session stays open. The client is
+    /// not told, so use it where losing excess messages is the point.
+    Drop,
 }
 
 impl Default for Config {
@@ -114,6 +178,7 @@ impl Default for Config {
             write_buffer_size: 16 << 10,
             outgoing_capacity: 64,
             max_batch: 64,
+            publish_rate: None,
         }
     }
 }
@@ -186,6 +251,13 @@ impl Config {
     #[must_use]
     pub fn outgoing_capacity(mut self, capacity: usize) -> Self {
         self.outgoing_capacity = capacity.max(1);
+        self
+    }
+
+    /// Sets [`publish_rate`](Self::publish_rate).
+    #[must_use]
+    pub fn publish_rate(mut self, limit: Option<RateLimit>) -> Self {
+        self.publish_rate = limit;
         self
     }
 

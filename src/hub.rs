@@ -58,6 +58,7 @@ struct Counters {
     evicted: AtomicU64,
     lagged: AtomicU64,
     disconnected: AtomicU64,
+    rate_limited: AtomicU64,
 }
 
 /// What a successful publish did with the message.
@@ -131,6 +132,9 @@ pub struct HubStats {
     /// Sessions the hub closed: lagging under [`Policy::Disconnect`], or a send
     /// that made no progress within [`Config::send_timeout`](crate::Config::send_timeout).
     pub disconnected: u64,
+    /// Messages clients sent over their [`RateLimit`](crate::RateLimit),
+    /// which were therefore not published.
+    pub rate_limited: u64,
 }
 
 impl Default for Hub {
@@ -272,12 +276,17 @@ impl Hub {
             evicted: c.evicted.load(Relaxed),
             lagged: c.lagged.load(Relaxed),
             disconnected: c.disconnected.load(Relaxed),
+            rate_limited: c.rate_limited.load(Relaxed),
         }
     }
 
     /// Whether two handles point at the same hub.
     pub fn same_hub(&self, other: &Hub) -> bool {
         Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
+    pub(crate) fn record_rate_limited(&self) {
+        self.shared.counters.rate_limited.fetch_add(1, Relaxed);
     }
 
     pub(crate) fn record_disconnect(&self) {

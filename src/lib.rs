@@ -115,7 +115,7 @@ mod session;
 pub mod testing;
 mod transport;
 
-pub use config::{Config, HubConfig, LagNotice};
+pub use config::{Config, Excess, HubConfig, LagNotice, RateLimit};
 pub use error::Error;
 pub use hub::{Hub, HubStats, PublishError, Published, RecvError, Subscription, TryRecvError};
 pub use message::{

@@ -31,7 +31,7 @@ use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, LagNotice};
+use crate::config::{Config, Excess, LagNotice, RateLimit};
 use crate::error::Error;
 use crate::hub::{RecvError, Subscription, TryRecvError};
 use crate::message::{self, Bytes, CloseCode, CloseReason, Message, Utf8Bytes, close_reason};
@@ -97,6 +97,7 @@ struct Shared {
     settings: Mutex<Settings>,
     max_frame_size: Option<usize>,
     max_message_size: Option<usize>,
+    publish_rate: Option<RateLimit>,
 }
 
 #[derive(Clone, Copy)]
@@ -113,6 +114,37 @@ struct CloseRequest {
     handshake: bool,
     /// Write what the hub already buffered for this session first (server shutdown).
     drain_hub: bool,
+}
+
+/// A token bucket for [`RateLimit`].
+struct Bucket {
+    limit: RateLimit,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(limit: RateLimit) -> Bucket {
+        Bucket {
+            limit,
+            tokens: f64::from(limit.burst.max(1)),
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes a token if there is one.
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let earned = now.duration_since(self.last).as_secs_f64() * f64::from(self.limit.per_second);
+        self.tokens = (self.tokens + earned).min(f64::from(self.limit.burst.max(1)));
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// A wake-up many may ring and one task (the send task) waits for; a ring
@@ -463,6 +495,7 @@ impl Session {
             }),
             max_frame_size: config.websocket_config().max_frame_size,
             max_message_size: config.max_message_size,
+            publish_rate: config.publish_rate,
         });
         let task = SendTask {
             sink: writer,
@@ -780,9 +813,25 @@ impl Session {
         {
             // A publish waiting on a full hub (Suspend) gives way when the session ends.
             let kill = self.out.shared.kill.clone();
+            let mut bucket = self.out.shared.publish_rate.map(Bucket::new);
+            let mut over_limit = false;
             while let Some(msg) = self.recv().await {
                 if !message::is_data(&msg) {
                     continue;
+                }
+                if let Some(bucket) = bucket.as_mut() {
+                    if over_limit || !bucket.take() {
+                        hub.record_rate_limited();
+                        if bucket.limit.excess == Excess::Close && !over_limit {
+                            over_limit = true;
+                            tracing::debug!(session = self.id(), "publish rate limit exceeded");
+                            self.out.close(close_reason(
+                                CloseCode::Policy,
+                                "publish rate limit exceeded",
+                            ));
+                        }
+                        continue;
+                    }
                 }
                 tokio::select! {
                     _ = kill.cancelled() => {}

@@ -1,7 +1,7 @@
 //! Abuse limits on the server: at most `max_connections` sessions and
 //! `max_handshakes` connections still in their HTTP handshake, both answered
-//! 503 before upgrading and both freeing their places again; and an `Origin`
-//! allow-list answered 403.
+//! 503 before upgrading and both freeing their places again; an `Origin`
+//! allow-list answered 403; and a per-connection publish rate limit.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -236,5 +236,91 @@ async fn only_allowed_origins_may_open_a_session_from_a_browser() {
     assert_eq!(status_with_origin(&server, Some("null")).await, 403);
     // No Origin header: not a browser, left to the handshake hook.
     assert_eq!(status_with_origin(&server, None).await, 101);
+    server.shutdown().await;
+}
+
+/// A hub chat at `/ws` with `config`, and the hub to read its counters.
+async fn chat_server(config: wshub::Config) -> (TestServer, wshub::Hub) {
+    let hub = wshub::Hub::new();
+    let for_route = hub.clone();
+    let server = Server::new()
+        .config(config)
+        .route("/ws", move |mut session: Session| {
+            let hub = for_route.clone();
+            async move {
+                session.join(hub.subscribe()).await;
+            }
+        });
+    (TestServer::start(server).await, hub)
+}
+
+/// Waits until the hub has accounted for `total` messages from clients.
+async fn until_accounted(hub: &wshub::Hub, total: u64) -> wshub::HubStats {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let stats = hub.stats();
+        if stats.published + stats.rate_limited >= total || Instant::now() >= deadline {
+            return stats;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn excess_over_the_publish_rate_is_dropped_and_counted_under_excess_drop() {
+    use wshub::{Excess, RateLimit};
+    // A burst of 5 and no refill (0 per second): exactly five get through.
+    let limit = RateLimit::new(0, 5).on_excess(Excess::Drop);
+    let (server, hub) = chat_server(wshub::Config::default().publish_rate(Some(limit))).await;
+    let mut observer = server.connect("/ws").await;
+    let mut flooder = server.connect("/ws").await;
+    for i in 0..20 {
+        flooder.send(format!("m{i}")).await;
+    }
+    let stats = until_accounted(&hub, 20).await;
+    assert_eq!((stats.published, stats.rate_limited), (5, 15));
+    // The first five arrive, in order, and the session is still open.
+    for i in 0..5 {
+        assert_eq!(observer.recv_text().await, format!("m{i}"));
+    }
+    observer.send("from the observer").await;
+    assert_eq!(
+        observer.recv_text().await,
+        "from the observer",
+        "nothing else came between"
+    );
+    assert_eq!(
+        flooder.recv_text().await,
+        "m0",
+        "the flooder is still connected"
+    );
+    observer.close(None).await;
+    flooder.close(None).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn excess_over_the_publish_rate_closes_with_1008_by_default() {
+    let limit = wshub::RateLimit::new(0, 3);
+    let (server, hub) = chat_server(wshub::Config::default().publish_rate(Some(limit))).await;
+    let mut observer = server.connect("/ws").await;
+    let mut flooder = server.connect("/ws").await;
+    for i in 0..10 {
+        flooder.send(format!("m{i}")).await;
+    }
+    // The flooder is closed at once (its own echoes may not reach it first).
+    let reason = flooder.expect_close().await.expect("a close code");
+    assert_eq!(u16::from(reason.code), 1008);
+    assert_eq!(reason.reason.as_str(), "publish rate limit exceeded");
+    flooder.close(None).await;
+    let stats = until_accounted(&hub, 10).await;
+    assert_eq!((stats.published, stats.rate_limited), (3, 7));
+    // Everyone else got the three within the limit, and nothing after them.
+    for i in 0..3 {
+        assert_eq!(observer.recv_text().await, format!("m{i}"));
+    }
+    observer.send("from the observer").await;
+    assert_eq!(observer.recv_text().await, "from the observer");
+    observer.close(None).await;
     server.shutdown().await;
 }
