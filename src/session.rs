@@ -244,10 +244,6 @@ impl Queue {
         }
     }
 
-    fn is_empty(&self) -> bool {
-        self.lock().is_empty()
-    }
-
     fn pop(&self) -> Option<Command> {
         let mut items = self.lock();
         let was_full = items.len() >= self.capacity;
@@ -1209,6 +1205,7 @@ impl SendTask {
     ) -> Result<(), Stop> {
         let mut written = 0;
         let mut flush_waiters = Vec::new();
+        let mut cut = false;
         loop {
             if let Some(cmd) = command.take() {
                 match cmd {
@@ -1224,6 +1221,7 @@ impl SendTask {
                 written += 1;
             }
             if written >= self.max_batch {
+                cut = true;
                 break;
             }
             // Take what is already waiting: the handler's queue first, then the hub.
@@ -1240,8 +1238,9 @@ impl SendTask {
         for done in flush_waiters {
             let _ = done.send(());
         }
-        if !self.shared.queue.is_empty() {
-            // `max_batch` left commands behind: come back for them.
+        if cut {
+            // `max_batch` may have left commands behind: come back for them
+            // (queued commands ring only once, when they are queued).
             self.shared.wake.ring();
         }
         Ok(())

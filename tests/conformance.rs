@@ -5,7 +5,10 @@
 //! echoed (reassembled) messages, pongs, and the Close code it fails the
 //! connection with (1002, 1007, 1009) followed by the server closing TCP.
 
-use std::future::Future;
+mod common;
+
+use common::{WAIT, within};
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -13,9 +16,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use wshub::testing::TestServer;
 use wshub::{Config, Server, Session};
-
-/// How long any single step may take before the test fails.
-const WAIT: Duration = Duration::from_secs(4);
 
 /// The example key from RFC 6455 §1.3 and the accept value it must produce.
 const RFC_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
@@ -34,14 +34,6 @@ const PONG: u8 = 0xA;
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-/// Awaits `fut`, failing the test with `what` if it takes longer than [`WAIT`].
-async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(WAIT, fut).await {
-        Ok(value) => value,
-        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
-    }
-}
 
 /// A server whose `/echo` route echoes every message back.
 fn echo_server() -> Server {

@@ -4,7 +4,10 @@
 //! RFC 6455 accept key; the `on_handshake` hook can refuse an upgrade (401,
 //! 403) or change one connection's limits.
 
-use std::future::Future;
+mod common;
+
+use common::within;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -14,9 +17,6 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use wshub::testing::{TestClient, TestServer};
 use wshub::tungstenite;
 use wshub::{Config, Rejection, Server};
-
-/// How long any single step may take before the test fails.
-const WAIT: Duration = Duration::from_secs(5);
 
 /// The example key from RFC 6455 §1.3 and the accept value it must produce.
 const RFC_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
@@ -29,14 +29,6 @@ const UPGRADE: &[(&str, &str)] = &[
     ("Sec-WebSocket-Key", RFC_KEY),
     ("Sec-WebSocket-Version", "13"),
 ];
-
-/// Awaits `fut`, failing the test with `what` if it takes longer than [`WAIT`].
-async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(WAIT, fut).await {
-        Ok(value) => value,
-        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
-    }
-}
 
 /// `headers` with the ones named in `without` left out.
 fn upgrade_without(without: &[&str]) -> Vec<(&'static str, &'static str)> {

@@ -3,21 +3,16 @@
 //! 503 before upgrading and both freeing their places again; an `Origin`
 //! allow-list answered 403; and a per-connection publish rate limit.
 
-use std::future::Future;
+mod common;
+
+use common::{WAIT, within};
+
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use wshub::testing::{TestClient, TestServer};
 use wshub::{Server, Session, tungstenite};
-
-const WAIT: Duration = Duration::from_secs(5);
-
-async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, fut)
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-}
 
 /// Sessions that stay open until the client closes.
 fn echo_server() -> Server {
@@ -51,17 +46,22 @@ async fn refusal(server: &TestServer) -> (u16, String) {
     }
 }
 
-/// Connects, retrying while the server still counts a session that just
-/// ended (its slot is freed when the session's task finishes).
-async fn connect_once_a_slot_is_free(server: &TestServer) -> TestClient {
+/// Connects, retrying while `busy` says the server has not yet noticed that
+/// a place became free (it does when that connection's task ends); any other
+/// error fails the test.
+async fn connect_when_freed(
+    server: &TestServer,
+    what: &str,
+    busy: fn(&tungstenite::Error) -> bool,
+) -> TestClient {
     let deadline = Instant::now() + WAIT;
     loop {
         match server.try_connect("/ws").await {
             Ok(client) => return client,
-            Err(tungstenite::Error::Http(r)) if r.status() == 503 && Instant::now() < deadline => {
+            Err(err) if busy(&err) && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            Err(err) => panic!("connecting after a slot was freed failed: {err}"),
+            Err(err) => panic!("connecting after {what} failed: {err}"),
         }
     }
 }
@@ -85,7 +85,12 @@ async fn sessions_beyond_max_connections_get_503_until_one_ends() {
 
     // One ends: its place is free again, and only one place.
     first.close(None).await;
-    let mut third = connect_once_a_slot_is_free(&server).await;
+    let mut third = connect_when_freed(
+        &server,
+        "a session ended",
+        |err| matches!(err, tungstenite::Error::Http(r) if r.status() == 503),
+    )
+    .await;
     assert_eq!(refusal(&server).await.0, 503, "the limit still holds");
 
     third.close(None).await;
@@ -127,28 +132,13 @@ async fn connections_beyond_max_handshakes_get_503_at_once_and_sessions_go_on() 
     // Once the idle connections go, handshakes are accepted again.
     drop(idle_a);
     drop(idle_b);
-    let mut later = connect_after_handshakes_free(&server).await;
+    let mut later = connect_when_freed(&server, "the idle connections left", |_| true).await;
     later.send("hello").await;
     assert_eq!(later.recv_text().await, "hello");
 
     later.close(None).await;
     session.close(None).await;
     server.shutdown().await;
-}
-
-/// Connects, retrying while the server has not yet noticed that the idle
-/// connections closed.
-async fn connect_after_handshakes_free(server: &TestServer) -> TestClient {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match server.try_connect("/ws").await {
-            Ok(client) => return client,
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            Err(err) => panic!("connecting after the idle connections left failed: {err}"),
-        }
-    }
 }
 
 #[tokio::test]

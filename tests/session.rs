@@ -12,8 +12,11 @@
 //! Handlers tell the test what they saw (a close reason, request info) through
 //! a channel; every wait has a timeout that fails the test with a message.
 
+mod common;
+
+use common::{WAIT, within};
+
 use std::collections::HashSet;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -32,20 +35,9 @@ use wshub::{
     close_reason,
 };
 
-/// How long any single step may take before the test fails.
-const WAIT: Duration = Duration::from_secs(5);
-
 // ---------------------------------------------------------------------------
 // Waiting with a bound
 // ---------------------------------------------------------------------------
-
-/// Awaits `fut`, failing the test with `what` if it takes longer than [`WAIT`].
-async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(WAIT, fut).await {
-        Ok(value) => value,
-        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
-    }
-}
 
 /// The next thing a handler reported through its channel.
 async fn report<T>(reports: &mut UnboundedReceiver<T>, what: &str) -> T {

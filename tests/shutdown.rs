@@ -8,8 +8,7 @@
 
 mod common;
 
-use common::{GREETING, sharedflow};
-use std::future::Future;
+use common::{GREETING, WAIT, sharedflow, within};
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -22,18 +21,7 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use wshub::{CloseReason, Config, Hub, Message, Published, Server, Session};
 
-/// How long any single step may take before the test fails.
-const WAIT: Duration = Duration::from_secs(5);
-
 type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-/// Awaits `fut`, failing the test with `what` if it takes longer than [`WAIT`].
-async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(WAIT, fut).await {
-        Ok(value) => value,
-        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
-    }
-}
 
 /// A `serve` task on `127.0.0.1:0` and the trigger of its shutdown future.
 struct Running {

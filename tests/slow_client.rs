@@ -22,6 +22,8 @@
 //! after [`WAIT`]. The one sleep is the pace of the deliberately slow reader
 //! in the last test.
 
+mod common;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -59,10 +61,7 @@ const AFTER: u64 = 5;
 
 /// Awaits `fut`, failing the test if it takes longer than [`WAIT`].
 async fn within<F: Future>(what: &str, fut: F) -> F::Output {
-    match tokio::time::timeout(WAIT, fut).await {
-        Ok(output) => output,
-        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
-    }
+    common::within_for(WAIT, what, fut).await
 }
 
 /// Polls `condition` until it holds, failing the test after [`WAIT`].

@@ -442,14 +442,12 @@ impl Fleet {
 
     /// Waits until every receiver has every sent message, nothing has
     /// arrived for `stall`, or `limit` passes.
-    pub async fn drain(&self, stall: Duration, limit: Duration, bar: &ProgressBar) {
+    pub async fn drain(&self, stall: Duration, limit: Duration) {
         let deadline = Instant::now() + limit;
         let mut last = (u64::MAX, Instant::now());
         loop {
             let delivered = self.counters.delivered.load(Ordering::Relaxed);
             let expected = self.counters.sent.load(Ordering::Relaxed) * self.receivers();
-            bar.set_length(expected);
-            bar.set_position(delivered);
             if delivered >= expected || Instant::now() >= deadline {
                 return;
             }

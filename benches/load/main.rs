@@ -450,7 +450,7 @@ async fn run_once(
         .await;
     let publish_secs = began.elapsed().as_secs_f64();
     fleet
-        .drain(Duration::from_secs(3), Duration::from_secs(30), &bar)
+        .drain(Duration::from_secs(3), Duration::from_secs(30))
         .await;
     let end = target.stats();
     follower.abort();
