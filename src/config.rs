@@ -52,6 +52,17 @@ pub struct Config {
     /// cut off by it. The stuck client itself rarely sees the 1013: its socket
     /// is full, so it usually sees the connection end.
     pub send_timeout: Duration,
+    /// How long a session may carry no message, in either direction, before
+    /// it is closed with 1001 "idle timeout"; `None` for no limit.
+    ///
+    /// Default: `None`. Text and binary messages count, in both directions
+    /// (a client that only listens to a busy hub is not idle); pings and pongs
+    /// do not, so this is the option that frees connections that are alive
+    /// but unused, which [`ping_period`](Self::ping_period) never closes. Set
+    /// it where clients are expected to talk, or where a quiet hub should not
+    /// hold sessions for ever; a client that wants to stay may send a small
+    /// message (a heartbeat) more often than this.
+    pub idle_timeout: Option<Duration>,
     /// How long to wait for the client's answer to a Close frame before the
     /// TCP connection is dropped.
     ///
@@ -170,6 +181,7 @@ impl Default for Config {
             ping_period: Some(Duration::from_secs(30)),
             timeout: Duration::from_secs(15),
             send_timeout: Duration::from_secs(5),
+            idle_timeout: None,
             close_timeout: Duration::from_secs(2),
             handshake_timeout: Duration::from_secs(10),
             max_frame_size: Some(1 << 20),
@@ -202,6 +214,19 @@ impl Config {
     #[must_use]
     pub fn send_timeout(mut self, timeout: Duration) -> Self {
         self.send_timeout = timeout;
+        self
+    }
+
+    /// Sets [`idle_timeout`](Self::idle_timeout).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let config = wshub::Config::default().idle_timeout(Some(Duration::from_secs(300)));
+    /// assert_eq!(config.idle_timeout, Some(Duration::from_secs(300)));
+    /// ```
+    #[must_use]
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.idle_timeout = timeout;
         self
     }
 

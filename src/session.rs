@@ -91,6 +91,11 @@ struct Shared {
     /// The session's own outgoing queue: `send`, `flush` and `join` go here.
     queue: Queue,
     pongs: AtomicU64,
+    /// When the last text or binary message arrived, in milliseconds after
+    /// `born`; kept only when there is an idle timeout.
+    heard: AtomicU64,
+    born: Instant,
+    idle_timeout: Option<Duration>,
     reader_gone: AtomicBool,
     /// A server runs the handler and closes the session itself when it returns.
     managed: bool,
@@ -244,6 +249,11 @@ impl Queue {
         }
     }
 
+    /// Whether a message is waiting to be written.
+    fn has_sends(&self) -> bool {
+        self.lock().iter().any(|c| matches!(c, Command::Send(_)))
+    }
+
     fn pop(&self) -> Option<Command> {
         let mut items = self.lock();
         let was_full = items.len() >= self.capacity;
@@ -334,6 +344,20 @@ impl Shared {
 
     fn closed_error(&self) -> Error {
         Error::Closed(self.reason())
+    }
+
+    /// Notes that a data message arrived (for the idle timeout).
+    fn heard_now(&self) {
+        if self.idle_timeout.is_some() {
+            let millis = self.born.elapsed().as_millis();
+            self.heard
+                .store(u64::try_from(millis).unwrap_or(u64::MAX), Ordering::Relaxed);
+        }
+    }
+
+    /// When the last data message arrived (or the session started).
+    fn last_heard(&self) -> Instant {
+        self.born + Duration::from_millis(self.heard.load(Ordering::Relaxed))
     }
 }
 
@@ -483,6 +507,9 @@ impl Session {
             settings_changed: AtomicBool::new(false),
             queue: Queue::new(config.outgoing_capacity),
             pongs: AtomicU64::new(0),
+            heard: AtomicU64::new(0),
+            born: Instant::now(),
+            idle_timeout: config.idle_timeout,
             reader_gone: AtomicBool::new(false),
             managed: setup.managed,
             settings: Mutex::new(Settings {
@@ -501,6 +528,7 @@ impl Session {
             close_timeout: config.close_timeout,
             max_batch: config.max_batch.max(1),
             ping: Ping::new(shared.settings()),
+            idle: config.idle_timeout.map(Idle::new),
         };
         let handle = tokio::spawn(task.run());
         let session = Session {
@@ -539,8 +567,19 @@ impl Session {
     /// In a raw session pings, pongs and the client's Close frame are returned
     /// too (tungstenite still answers pings and closes, as RFC 6455 requires).
     ///
+    /// Messages this session queued before the call (with [`send`](Self::send)
+    /// or an [`Outgoing`] handle) are written before the next read, so a reply
+    /// is never overtaken by the client's Close frame. If the client is not
+    /// reading, that write is bounded by [`Config::send_timeout`] like any other.
+    ///
     /// Cancel-safe: a message is never lost if this future is dropped.
     pub async fn recv(&mut self) -> Option<Message> {
+        // What the handler queued before this read goes out first: reading the
+        // client's Close makes tungstenite answer it at once, and nothing can be
+        // written after that answer, so a reply still queued would be lost.
+        if self.reader.is_some() && self.out.shared.queue.has_sends() {
+            let _ = self.out.flush().await;
+        }
         loop {
             let reader = self.reader.as_mut()?;
             let item = tokio::select! {
@@ -557,7 +596,10 @@ impl Session {
                     return None;
                 }
                 Some(Ok(msg)) => match msg {
-                    Message::Text(_) | Message::Binary(_) => return Some(msg),
+                    Message::Text(_) | Message::Binary(_) => {
+                        self.out.shared.heard_now();
+                        return Some(msg);
+                    }
                     Message::Ping(_) if self.raw => return Some(msg),
                     Message::Pong(_) => {
                         self.out.shared.pongs.fetch_add(1, Ordering::Relaxed);
@@ -1082,6 +1124,44 @@ struct SendTask {
     close_timeout: Duration,
     max_batch: usize,
     ping: Ping,
+    idle: Option<Idle>,
+}
+
+/// The idle timer of a session with [`Config::idle_timeout`]. The timer is
+/// set once and only moved when it fires, so a busy session costs no timer
+/// work per message.
+struct Idle {
+    timeout: Duration,
+    /// When the send task last wrote a data message.
+    wrote: Instant,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Idle {
+    fn new(timeout: Duration) -> Idle {
+        let now = Instant::now();
+        Idle {
+            timeout,
+            wrote: now,
+            timer: Box::pin(sleep_until(now + timeout)),
+        }
+    }
+}
+
+/// Completes once the session has carried no data message for its idle
+/// timeout; never if it has none.
+async fn idle_expired(idle: &mut Option<Idle>, shared: &Shared) {
+    let Some(idle) = idle else {
+        return std::future::pending().await;
+    };
+    loop {
+        idle.timer.as_mut().await;
+        let deadline = idle.wrote.max(shared.last_heard()) + idle.timeout;
+        if deadline <= Instant::now() {
+            return;
+        }
+        idle.timer.as_mut().reset(deadline);
+    }
 }
 
 /// A hub subscription being forwarded, with its policy.
@@ -1183,6 +1263,14 @@ impl SendTask {
                         });
                     }
                 }
+                _ = idle_expired(&mut self.idle, &self.shared) => {
+                    tracing::debug!(session = self.shared.id, "idle timeout");
+                    return Stop::Close(CloseRequest {
+                        reason: close_reason(CloseCode::Away, "idle timeout"),
+                        handshake: true,
+                        drain_hub: false,
+                    });
+                }
                 _ = self.ping.tick() => {
                     if let Err(stop) = Box::pin(self.send_ping()).await {
                         return stop;
@@ -1235,6 +1323,11 @@ impl SendTask {
             }
         }
         self.flush().await?;
+        if written > 0 {
+            if let Some(idle) = self.idle.as_mut() {
+                idle.wrote = Instant::now();
+            }
+        }
         for done in flush_waiters {
             let _ = done.send(());
         }
