@@ -128,3 +128,8 @@ pub use session::{Outgoing, Session};
 
 /// The tungstenite crate wshub builds on, for types the re-exports lack.
 pub use tokio_tungstenite::tungstenite;
+
+/// The tokio-rustls crate (and through it `rustls`) that
+/// [`Server::serve_tls`] takes its acceptor from (the `tls` feature).
+#[cfg(feature = "tls")]
+pub use tokio_rustls;

@@ -426,6 +426,61 @@ impl Server {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> io::Result<()> {
+        self.serve_with(listener, Encryption::None, shutdown).await
+    }
+
+    /// Serves `wss://` connections from `listener` until `shutdown`
+    /// completes, as [`serve`](Self::serve) does `ws://` (the `tls` feature).
+    ///
+    /// Each connection's TLS handshake runs in its own task, counts among
+    /// [`max_handshakes`](Self::max_handshakes) and must finish within
+    /// [`Config::handshake_timeout`]; the HTTP request then gets the same
+    /// time again. A client that fails the TLS handshake is dropped (logged at
+    /// debug level), and a connection past `max_handshakes` is closed without
+    /// an answer, since a plain-text 503 means nothing inside TLS.
+    ///
+    /// Build the acceptor from a rustls `ServerConfig`; wshub re-exports
+    /// [`tokio_rustls`](crate::tokio_rustls) so the versions match:
+    ///
+    /// ```no_run
+    /// # async fn demo(
+    /// #     certs: Vec<wshub::tokio_rustls::rustls::pki_types::CertificateDer<'static>>,
+    /// #     key: wshub::tokio_rustls::rustls::pki_types::PrivateKeyDer<'static>,
+    /// # ) -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::sync::Arc;
+    /// use wshub::tokio_rustls::{TlsAcceptor, rustls};
+    ///
+    /// let tls = rustls::ServerConfig::builder()
+    ///     .with_no_client_auth()
+    ///     .with_single_cert(certs, key)?;
+    /// let server = wshub::Server::new().route("/ws", |session| async move { drop(session) });
+    /// let listener = tokio::net::TcpListener::bind("0.0.0.0:443").await?;
+    /// server
+    ///     .serve_tls(listener, TlsAcceptor::from(Arc::new(tls)), std::future::pending())
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// None today, as for [`serve`](Self::serve).
+    #[cfg(feature = "tls")]
+    pub async fn serve_tls(
+        self,
+        listener: TcpListener,
+        acceptor: tokio_rustls::TlsAcceptor,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> io::Result<()> {
+        self.serve_with(listener, Encryption::Tls(acceptor), shutdown)
+            .await
+    }
+
+    async fn serve_with(
+        self,
+        listener: TcpListener,
+        encryption: Encryption,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> io::Result<()> {
         let mut app = self;
         app.live = Arc::default();
         let handshakes = Arc::new(Semaphore::new(app.max_handshakes));
@@ -444,12 +499,21 @@ impl Server {
                         let _ = tcp.set_nodelay(true);
                         match handshakes.clone().try_acquire_owned() {
                             Ok(permit) => {
-                                tasks.spawn(connection(tcp, peer, app.clone(), stop.clone(), permit));
+                                tasks.spawn(connection(
+                                    tcp,
+                                    peer,
+                                    app.clone(),
+                                    stop.clone(),
+                                    permit,
+                                    encryption.clone(),
+                                ));
                             }
                             Err(_) => {
                                 tracing::debug!(%peer, "too many handshakes in progress: 503");
-                                // Best effort: the answer fits any socket buffer.
-                                let _ = tcp.try_write(BUSY);
+                                if matches!(encryption, Encryption::None) {
+                                    // Best effort: the answer fits any socket buffer.
+                                    let _ = tcp.try_write(BUSY);
+                                }
                             }
                         }
                     }
@@ -617,17 +681,48 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-/// One TCP connection: HTTP until an upgrade, then the WebSocket session.
+/// What runs between TCP and HTTP.
+#[derive(Clone)]
+enum Encryption {
+    None,
+    #[cfg(feature = "tls")]
+    Tls(tokio_rustls::TlsAcceptor),
+}
+
+/// One TCP connection: TLS if configured, HTTP until an upgrade, then the
+/// WebSocket session.
 async fn connection(
     tcp: TcpStream,
     peer: SocketAddr,
     app: Arc<Server>,
     stop: CancellationToken,
     handshake: OwnedSemaphorePermit,
+    encryption: Encryption,
 ) {
     // The handshake's state is large and short-lived: boxed, it is freed at
     // the upgrade, and the task that lives as long as the session stays small.
-    let opened = Box::pin(open(tcp, peer, app, &stop)).await;
+    let opened = match encryption {
+        Encryption::None => Box::pin(open(tcp, peer, app, &stop)).await,
+        #[cfg(feature = "tls")]
+        Encryption::Tls(acceptor) => {
+            let limit = app.config.handshake_timeout;
+            let tls = tokio::select! {
+                tls = tokio::time::timeout(limit, acceptor.accept(tcp)) => tls,
+                _ = stop.cancelled() => return,
+            };
+            match tls {
+                Ok(Ok(tls)) => Box::pin(open(tls, peer, app, &stop)).await,
+                Ok(Err(err)) => {
+                    tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            }
+        }
+    };
     drop(handshake);
     let Some((session, send_task, handler, _slot)) = opened else {
         return;
@@ -657,14 +752,17 @@ async fn connection(
     tracing::debug!(session = id, reason = ?out.close_reason(), "session closed");
 }
 
-/// Serves the HTTP request on `tcp` and, once upgraded, starts the session:
+/// Serves the HTTP request on `io` and, once upgraded, starts the session:
 /// returns it with its send task and its route's handler.
-async fn open(
-    tcp: TcpStream,
+async fn open<IO>(
+    io: IO,
     peer: SocketAddr,
     app: Arc<Server>,
     stop: &CancellationToken,
-) -> Option<(Session, JoinHandle<()>, Handler, Slot)> {
+) -> Option<(Session, JoinHandle<()>, Handler, Slot)>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let upgrade: Arc<Mutex<Option<Upgrade>>> = Arc::new(Mutex::new(None));
     let service = {
         let app = app.clone();
@@ -686,7 +784,7 @@ async fn open(
     let http = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(app.config.handshake_timeout)
-        .serve_connection(TokioIo::new(tcp), service)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::select! {
         result = http => {
