@@ -126,6 +126,14 @@ pub use request::Request;
 pub use server::{HandlerOutput, Rejection, Server};
 pub use session::{Outgoing, Session};
 
+/// Entry points for the fuzz targets in `fuzz/`; they exist only in builds
+/// with `--cfg fuzzing`, which `cargo fuzz` sets.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::server::serve_one;
+}
+
 /// The tungstenite crate wshub builds on, for types the re-exports lack.
 pub use tokio_tungstenite::tungstenite;
 

@@ -57,6 +57,10 @@ pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Message, Error> {
 
 /// Parses a text or binary message as JSON (Ktor's `receiveDeserialized`).
 ///
+/// Numbers are parsed to the nearest `f64` (serde_json's `float_roundtrip`,
+/// which wshub turns on), so a value read here and sent on with [`json`] is
+/// exactly the value the client meant, at some cost in float parsing speed.
+///
 /// # Errors
 ///
 /// [`Error::Json`] when the payload is not valid JSON for `T`, with serde's
@@ -94,4 +98,26 @@ pub(crate) fn kind(msg: &Message) -> &'static str {
 /// Whether the message is a data message (text or binary) the hub carries.
 pub(crate) fn is_data(msg: &Message) -> bool {
     matches!(msg, Message::Text(_) | Message::Binary(_))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_survive_a_json_round_trip_exactly() {
+        // Found by the json fuzz target: without float_roundtrip, serde_json
+        // parses these one unit in the last place off, so the value sent on
+        // was not the value received.
+        for text in [
+            "15555555555555555551555",
+            "2222222222222222222222222222222222",
+        ] {
+            let value: serde_json::Value = from_json(&Message::text(text)).unwrap();
+            let again: serde_json::Value = from_json(&json(&value).unwrap()).unwrap();
+            assert_eq!(again, value, "{text}");
+            let exact: f64 = text.parse().unwrap();
+            assert_eq!(value.as_f64(), Some(exact), "{text}");
+        }
+    }
 }

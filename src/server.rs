@@ -25,7 +25,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -681,6 +681,29 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// Serves one connection over `io` as [`Server::serve`] serves each TCP
+/// connection, for the fuzz targets in `fuzz/` (built with `--cfg fuzzing`).
+#[cfg(fuzzing)]
+pub async fn serve_one<IO>(server: Server, io: IO)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = SocketAddr::from(([127, 0, 0, 1], 9));
+    let Ok(permit) = Arc::new(Semaphore::new(1)).try_acquire_owned() else {
+        return;
+    };
+    let app = Arc::new(server);
+    connection(
+        io,
+        peer,
+        app,
+        CancellationToken::new(),
+        permit,
+        Encryption::None,
+    )
+    .await;
+}
+
 /// What runs between TCP and HTTP.
 #[derive(Clone)]
 enum Encryption {
@@ -691,23 +714,25 @@ enum Encryption {
 
 /// One TCP connection: TLS if configured, HTTP until an upgrade, then the
 /// WebSocket session.
-async fn connection(
-    tcp: TcpStream,
+async fn connection<IO>(
+    io: IO,
     peer: SocketAddr,
     app: Arc<Server>,
     stop: CancellationToken,
     handshake: OwnedSemaphorePermit,
     encryption: Encryption,
-) {
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     // The handshake's state is large and short-lived: boxed, it is freed at
     // the upgrade, and the task that lives as long as the session stays small.
     let opened = match encryption {
-        Encryption::None => Box::pin(open(tcp, peer, app, &stop)).await,
+        Encryption::None => Box::pin(open(io, peer, app, &stop)).await,
         #[cfg(feature = "tls")]
         Encryption::Tls(acceptor) => {
             let limit = app.config.handshake_timeout;
             let tls = tokio::select! {
-                tls = tokio::time::timeout(limit, acceptor.accept(tcp)) => tls,
+                tls = tokio::time::timeout(limit, acceptor.accept(io)) => tls,
                 _ = stop.cancelled() => return,
             };
             match tls {
