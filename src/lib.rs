@@ -73,6 +73,12 @@
 //! what is waiting into one flush; and the slow-client behaviour is a stated,
 //! counted, tested choice.
 //!
+//! # Cargo features
+//!
+//! * `tls` (off by default): `Server::serve_tls` serves `wss://` through
+//!   tokio-rustls, re-exported as `wshub::tokio_rustls`. Without it, terminate
+//!   TLS in a proxy in front of [`Server::serve`].
+//!
 //! # Layout
 //!
 //! * `hub.rs`: [`Hub`], the one broadcast channel: publish, subscribe, counts.
