@@ -407,7 +407,7 @@ async fn clients_reset_halfway_through_the_upgrade_request_give_back_their_hands
     let server = TestServer::start(server).await;
     let addr = server.addr();
     let idle = alive_tasks();
-    let mut bystander = connect(addr).await;
+    let bystander = connect(addr).await;
     let tasks = Tasks::measure(idle, 1).await;
 
     // Round 1: every place is held by a half request the server has read;
@@ -451,20 +451,30 @@ async fn clients_reset_halfway_through_the_upgrade_request_give_back_their_hands
     assert_eq!(hub.subscriber_count(), PLACES + 1);
 
     // The session that was open all along never noticed.
+    all_get_a_broadcast_then_leave(&hub, bystander, clients, &tasks).await;
+    server.shutdown().await;
+}
+
+/// A broadcast after the resets reaches the bystander and every client
+/// still open; then all of them close cleanly and every session ends.
+async fn all_get_a_broadcast_then_leave(
+    hub: &Hub,
+    mut bystander: Client,
+    mut clients: Vec<Client>,
+    tasks: &Tasks,
+) {
     let outcome = hub.publish("after the resets").await.expect("publish");
     assert_eq!(outcome, Published::Queued);
     expect_text(&mut bystander, "after the resets").await;
     for ws in &mut clients {
         expect_text(ws, "after the resets").await;
     }
-
     close_cleanly(bystander).await;
     for ws in clients {
         close_cleanly(ws).await;
     }
     tasks.until_only(0, "every session to end").await;
     assert_eq!(hub.subscriber_count(), 0);
-    server.shutdown().await;
 }
 
 /// Clients that reset around the 101 (right after sending the whole
@@ -479,7 +489,7 @@ async fn clients_reset_around_the_101_give_back_their_connection_slots() {
     let server = TestServer::start(sharedflow(hub.clone()).max_connections(Some(SLOTS))).await;
     let addr = server.addr();
     let idle = alive_tasks();
-    let mut bystander = connect(addr).await;
+    let bystander = connect(addr).await;
     let tasks = Tasks::measure(idle, 1).await;
 
     // Clients that read their 101 and die: each slot was taken before its
@@ -525,18 +535,7 @@ async fn clients_reset_around_the_101_give_back_their_connection_slots() {
         .await;
     assert_eq!(hub.subscriber_count(), SLOTS);
 
-    let outcome = hub.publish("after the resets").await.expect("publish");
-    assert_eq!(outcome, Published::Queued);
-    expect_text(&mut bystander, "after the resets").await;
-    for ws in &mut clients {
-        expect_text(ws, "after the resets").await;
-    }
-
-    close_cleanly(bystander).await;
-    for ws in clients {
-        close_cleanly(ws).await;
-    }
-    tasks.until_only(0, "every session to end").await;
+    all_get_a_broadcast_then_leave(&hub, bystander, clients, &tasks).await;
     server.shutdown().await;
 }
 
