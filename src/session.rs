@@ -92,10 +92,9 @@ struct Shared {
     queue: Queue,
     pongs: AtomicU64,
     /// When the last text or binary message arrived, in milliseconds after
-    /// `born`; kept only when there is an idle timeout.
+    /// [`epoch`]; kept only when `idle` (there is an idle timeout).
     heard: AtomicU64,
-    born: Instant,
-    idle_timeout: Option<Duration>,
+    idle: bool,
     reader_gone: AtomicBool,
     /// A server runs the handler and closes the session itself when it returns.
     managed: bool,
@@ -348,17 +347,29 @@ impl Shared {
 
     /// Notes that a data message arrived (for the idle timeout).
     fn heard_now(&self) {
-        if self.idle_timeout.is_some() {
-            let millis = self.born.elapsed().as_millis();
+        if self.idle {
             self.heard
-                .store(u64::try_from(millis).unwrap_or(u64::MAX), Ordering::Relaxed);
+                .store(since_epoch(Instant::now()), Ordering::Relaxed);
         }
     }
 
     /// When the last data message arrived (or the session started).
     fn last_heard(&self) -> Instant {
-        self.born + Duration::from_millis(self.heard.load(Ordering::Relaxed))
+        let heard = Duration::from_millis(self.heard.load(Ordering::Relaxed));
+        epoch().checked_add(heard).unwrap_or_else(Instant::now)
     }
+}
+
+/// A fixed instant early in the process, so that a session can keep a time
+/// in one atomic word.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Milliseconds from [`epoch`] to `at`, rounded down.
+fn since_epoch(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(epoch()).as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The close reason for a connection that ended without a closing handshake.
@@ -507,9 +518,8 @@ impl Session {
             settings_changed: AtomicBool::new(false),
             queue: Queue::new(config.outgoing_capacity),
             pongs: AtomicU64::new(0),
-            heard: AtomicU64::new(0),
-            born: Instant::now(),
-            idle_timeout: config.idle_timeout,
+            heard: AtomicU64::new(since_epoch(Instant::now())),
+            idle: config.idle_timeout.is_some(),
             reader_gone: AtomicBool::new(false),
             managed: setup.managed,
             settings: Mutex::new(Settings {
@@ -528,7 +538,9 @@ impl Session {
             close_timeout: config.close_timeout,
             max_batch: config.max_batch.max(1),
             ping: Ping::new(shared.settings()),
-            idle: config.idle_timeout.map(Idle::new),
+            idle: config
+                .idle_timeout
+                .map(|timeout| Box::new(Idle::new(timeout))),
         };
         let handle = tokio::spawn(task.run());
         let session = Session {
@@ -1124,7 +1136,8 @@ struct SendTask {
     close_timeout: Duration,
     max_batch: usize,
     ping: Ping,
-    idle: Option<Idle>,
+    /// Boxed: most sessions have none, and the send task lives as long as they do.
+    idle: Option<Box<Idle>>,
 }
 
 /// The idle timer of a session with [`Config::idle_timeout`]. The timer is
@@ -1148,17 +1161,20 @@ impl Idle {
     }
 }
 
-/// Completes once the session has carried no data message for its idle
-/// timeout; never if it has none.
-async fn idle_expired(idle: &mut Option<Idle>, shared: &Shared) {
+/// Ready once the session has carried no data message for its idle timeout;
+/// never if it has none. A poll function rather than an `async fn`, so the
+/// send task's select holds two references and not a whole future.
+fn poll_idle(idle: &mut Option<Box<Idle>>, shared: &Shared, cx: &mut Context<'_>) -> Poll<()> {
     let Some(idle) = idle else {
-        return std::future::pending().await;
+        return Poll::Pending;
     };
     loop {
-        idle.timer.as_mut().await;
+        if idle.timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
         let deadline = idle.wrote.max(shared.last_heard()) + idle.timeout;
         if deadline <= Instant::now() {
-            return;
+            return Poll::Ready(());
         }
         idle.timer.as_mut().reset(deadline);
     }
@@ -1263,7 +1279,7 @@ impl SendTask {
                         });
                     }
                 }
-                _ = idle_expired(&mut self.idle, &self.shared) => {
+                _ = poll_fn(|cx| poll_idle(&mut self.idle, &self.shared, cx)) => {
                     tracing::debug!(session = self.shared.id, "idle timeout");
                     return Stop::Close(CloseRequest {
                         reason: close_reason(CloseCode::Away, "idle timeout"),
