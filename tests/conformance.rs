@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{WAIT, within};
+use common::{WAIT, client_frame, frame_header, within};
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -20,9 +20,6 @@ use wshub::{Config, Server, Session};
 /// The example key from RFC 6455 §1.3 and the accept value it must produce.
 const RFC_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 const RFC_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
-
-/// The fixed masking key of every masked client frame.
-const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 
 const CONTINUATION: u8 = 0x0;
 const TEXT: u8 = 0x1;
@@ -155,27 +152,10 @@ async fn handshake(addr: SocketAddr, path: &str) -> TcpStream {
 }
 
 /// The bytes of one client frame: `rsv` is the three RSV bits (0..=7), the
-/// payload is masked with [`MASK`] when `masked`.
+/// payload is masked with [`common::MASK`] when `masked`.
 fn frame(fin: bool, rsv: u8, opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
-    let mut bytes = vec![(u8::from(fin) << 7) | ((rsv & 7) << 4) | (opcode & 0xF)];
-    let mask_bit = if masked { 0x80 } else { 0 };
-    let len = payload.len();
-    if len < 126 {
-        bytes.push(mask_bit | len as u8);
-    } else if let Ok(len) = u16::try_from(len) {
-        bytes.push(mask_bit | 126);
-        bytes.extend_from_slice(&len.to_be_bytes());
-    } else {
-        bytes.push(mask_bit | 127);
-        bytes.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    if masked {
-        bytes.extend_from_slice(&MASK);
-        bytes.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
-    } else {
-        bytes.extend_from_slice(payload);
-    }
-    bytes
+    let first = (u8::from(fin) << 7) | ((rsv & 7) << 4) | (opcode & 0xF);
+    client_frame(first, payload, masked)
 }
 
 /// Writes one client frame (see [`frame`]).
@@ -530,9 +510,7 @@ async fn message_over_max_message_size_from_small_fragments_is_closed_with_1009(
 async fn frame_header_declaring_2_gib_is_refused_at_once_with_1009() {
     let server = limited_echo(64 * 1024, 64 * 1024).await;
     let mut tcp = handshake(server.addr(), "/echo").await;
-    let mut head = vec![0x82, 0x80 | 127];
-    head.extend_from_slice(&0x8000_0000u64.to_be_bytes());
-    head.extend_from_slice(&MASK);
+    let head = frame_header(0x82, 0x8000_0000, true);
     let started = Instant::now();
     tcp.write_all(&head).await.expect("write the header");
     let (_, opcode, payload) = next_frame(&mut tcp, "the Close for a 2 GiB frame header").await;

@@ -33,7 +33,7 @@
 
 mod common;
 
-use common::{GREETING, WAIT, sharedflow, within, within_for};
+use common::{GREETING, WAIT, frame_header, masked, sharedflow, within, within_for};
 
 use std::fmt::Debug;
 use std::net::SocketAddr;
@@ -542,16 +542,8 @@ async fn clients_reset_around_the_101_give_back_their_connection_slots() {
 /// A masked client frame: FIN bit and opcode, the declared payload length,
 /// and as much of the payload (`'a'`s) as `sent` says.
 fn partial_frame(first_byte: u8, declared: usize, sent: usize) -> Vec<u8> {
-    let mask = [0x37, 0xfa, 0x21, 0x3d];
-    let mut frame = vec![first_byte];
-    if declared < 126 {
-        frame.push(0x80 | declared as u8);
-    } else {
-        frame.push(0x80 | 126);
-        frame.extend((declared as u16).to_be_bytes());
-    }
-    frame.extend(mask);
-    frame.extend((0..sent).map(|i| b'a' ^ mask[i % 4]));
+    let mut frame = frame_header(first_byte, declared, true);
+    frame.extend(masked(&vec![b'a'; sent]));
     frame
 }
 

@@ -141,31 +141,8 @@ impl Frame {
 
     /// The frame's bytes on the wire (RFC 6455 §5.2).
     fn encode(&self) -> Vec<u8> {
-        const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
-        let mut out = vec![(u8::from(self.fin) << 7) | (u8::from(self.rsv1) << 6) | self.opcode];
-        let mask_bit = u8::from(self.masked) << 7;
-        let len = self.payload.len();
-        if len < 126 {
-            out.push(mask_bit | len as u8);
-        } else if let Ok(len) = u16::try_from(len) {
-            out.push(mask_bit | 126);
-            out.extend_from_slice(&len.to_be_bytes());
-        } else {
-            out.push(mask_bit | 127);
-            out.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-        if self.masked {
-            out.extend_from_slice(&MASK);
-            out.extend(
-                self.payload
-                    .iter()
-                    .enumerate()
-                    .map(|(i, b)| b ^ MASK[i % 4]),
-            );
-        } else {
-            out.extend_from_slice(&self.payload);
-        }
-        out
+        let first = (u8::from(self.fin) << 7) | (u8::from(self.rsv1) << 6) | self.opcode;
+        common::client_frame(first, &self.payload, self.masked)
     }
 }
 
