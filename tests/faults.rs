@@ -33,7 +33,9 @@
 
 mod common;
 
-use common::{GREETING, WAIT, frame_header, masked, sharedflow, within, within_for};
+use common::{
+    GREETING, MAX_POLLS, POLL, WAIT, frame_header, masked, sharedflow, wait_for, within, within_for,
+};
 
 use std::fmt::Debug;
 use std::net::SocketAddr;
@@ -62,12 +64,6 @@ const REQUEST: &str = "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket
 Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
 Sec-WebSocket-Version: 13\r\n\r\n";
 
-/// How often a condition is polled.
-const POLL: Duration = Duration::from_millis(5);
-
-/// The most polls of one condition (more than [`WAIT`] allows at [`POLL`]).
-const MAX_POLLS: u32 = 5_000;
-
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
@@ -77,30 +73,6 @@ fn alive_tasks() -> usize {
     tokio::runtime::Handle::current()
         .metrics()
         .num_alive_tasks()
-}
-
-/// Polls `probe` until `done` holds for what it returns, and returns that;
-/// fails the test with the last value seen after [`WAIT`].
-async fn wait_for<T: Debug>(
-    what: &str,
-    mut probe: impl FnMut() -> T,
-    done: impl Fn(&T) -> bool,
-) -> T {
-    let deadline = Instant::now() + WAIT;
-    let polls = async {
-        for _ in 0..MAX_POLLS {
-            let value = probe();
-            if done(&value) {
-                return value;
-            }
-            if Instant::now() >= deadline {
-                panic!("timed out after {WAIT:?} waiting for {what}; last seen: {value:?}");
-            }
-            tokio::time::sleep(POLL).await;
-        }
-        panic!("gave up after {MAX_POLLS} polls waiting for {what}");
-    };
-    within_for(WAIT + Duration::from_secs(1), what, polls).await
 }
 
 /// The client settings: a small read buffer, since some tests open 1,000.

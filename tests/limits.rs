@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{WAIT, within};
+use common::{WAIT, wait_for, within};
 
 use std::time::{Duration, Instant};
 
@@ -246,14 +246,13 @@ async fn chat_server(config: wshub::Config) -> (TestServer, wshub::Hub) {
 
 /// Waits until the hub has accounted for `total` messages from clients.
 async fn until_accounted(hub: &wshub::Hub, total: u64) -> wshub::HubStats {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let stats = hub.stats();
-        if stats.published + stats.rate_limited >= total || Instant::now() >= deadline {
-            return stats;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let what = format!("{total} client messages published or rate-limited");
+    wait_for(
+        &what,
+        || hub.stats(),
+        |s| s.published + s.rate_limited >= total,
+    )
+    .await
 }
 
 #[tokio::test]

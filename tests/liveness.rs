@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{GREETING, WAIT, within};
+use common::{GREETING, WAIT, wait_for, within};
 use futures_util::StreamExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
@@ -89,17 +89,10 @@ async fn reported(reports: &mut UnboundedReceiver<Option<CloseReason>>) -> (u16,
     (u16::from(reason.code), reason.reason.to_string())
 }
 
-/// Polls `hub.subscriber_count()` until it is `n`, for at most [`WAIT`].
+/// Waits until the hub has exactly `n` subscribers.
 async fn subscribers_become(hub: &Hub, n: usize) {
-    let deadline = Instant::now() + WAIT;
-    while hub.subscriber_count() != n {
-        assert!(
-            Instant::now() < deadline,
-            "subscriber count stayed at {} (expected {n})",
-            hub.subscriber_count()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let what = format!("{n} subscribers");
+    wait_for(&what, || hub.subscriber_count(), |&count| count == n).await;
 }
 
 #[tokio::test]

@@ -1,10 +1,12 @@
-//! What several test files share: a bounded wait and Ktor's SharedFlow route.
+//! What several test files share: bounded waits, Ktor's SharedFlow route,
+//! and hand-built client frames.
 
 // Each test binary compiles this module and uses its own part of it.
 #![allow(dead_code)]
 
+use std::fmt::Debug;
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wshub::{Hub, Server};
 
@@ -22,6 +24,36 @@ pub async fn within_for<T>(limit: Duration, what: &str, fut: impl Future<Output 
         Ok(value) => value,
         Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
     }
+}
+
+/// How often a condition is polled.
+pub const POLL: Duration = Duration::from_millis(5);
+
+/// The most polls of one condition (more than [`WAIT`] allows at [`POLL`]).
+pub const MAX_POLLS: u32 = 5_000;
+
+/// Polls `probe` until `done` holds for what it returns, and returns that;
+/// fails the test with the last value seen after [`WAIT`].
+pub async fn wait_for<T: Debug>(
+    what: &str,
+    mut probe: impl FnMut() -> T,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + WAIT;
+    let polls = async {
+        for _ in 0..MAX_POLLS {
+            let value = probe();
+            if done(&value) {
+                return value;
+            }
+            if Instant::now() >= deadline {
+                panic!("timed out after {WAIT:?} waiting for {what}; last seen: {value:?}");
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        panic!("gave up after {MAX_POLLS} polls waiting for {what}");
+    };
+    within_for(WAIT + Duration::from_secs(1), what, polls).await
 }
 
 /// The greeting Ktor's SharedFlow sample sends on connect.
