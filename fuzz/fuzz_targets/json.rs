@@ -8,7 +8,7 @@
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use wshub::{Config, Request, Session};
-use wshub_fuzz::{client_frame, converse};
+use wshub_fuzz::{final_frame, converse};
 
 const TEXT: u8 = 0x1;
 const BINARY: u8 = 0x2;
@@ -40,10 +40,10 @@ fuzz_target!(|data: &[u8]| {
     let mut input = Vec::new();
     for line in data.split(|&b| b == b'\n') {
         match std::str::from_utf8(line) {
-            Ok(text) => input.extend(client_frame(TEXT, text.as_bytes())),
-            Err(_) => input.extend(client_frame(BINARY, line)),
+            Ok(text) => input.extend(final_frame(TEXT, text.as_bytes())),
+            Err(_) => input.extend(final_frame(BINARY, line)),
         }
     }
-    input.extend(client_frame(CLOSE, &1000u16.to_be_bytes()));
+    input.extend(final_frame(CLOSE, &1000u16.to_be_bytes()));
     converse(&input, answer_json);
 });

@@ -58,21 +58,10 @@ where
     })
 }
 
-/// A masked client frame (RFC 6455 §5.2) with FIN set.
-pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut frame = vec![0x80 | (opcode & 0x0f)];
-    let len = payload.len();
-    if len < 126 {
-        frame.push(0x80 | len as u8);
-    } else if len <= usize::from(u16::MAX) {
-        frame.push(0x80 | 126);
-        frame.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        frame.push(0x80 | 127);
-        frame.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    let mask = [0x37, 0xfa, 0x21, 0x3d];
-    frame.extend_from_slice(&mask);
-    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    frame
+#[path = "../../tests/common/frames.rs"]
+mod frames;
+
+/// A masked client frame with FIN set.
+pub fn final_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    frames::client_frame(0x80 | (opcode & 0x0f), payload, true)
 }
