@@ -22,7 +22,7 @@ use serde::de::DeserializeOwned;
 use std::collections::VecDeque;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Semaphore, SemaphorePermit, TryAcquireError, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Interval, MissedTickBehavior, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
@@ -190,28 +190,28 @@ impl Signal {
 /// A session's own outgoing queue (Ktor's `outgoing` channel): bounded, in
 /// order, and free while empty (a channel would allocate its first block of
 /// slots for every session up front).
+///
+/// Room is counted by a semaphore with one permit per free place: a push takes
+/// a permit (waiting in line while there is none), a pop gives one back, so
+/// every pop lets exactly one waiting sender in, however many pops run in a
+/// row and however many senders wait.
 struct Queue {
     items: Mutex<VecDeque<Command>>,
-    capacity: usize,
-    /// Senders waiting for room.
-    room: Notify,
-    /// Set when the send task has ended: nothing more is accepted.
-    closed: AtomicBool,
+    /// One permit per free place; closed when the send task has ended.
+    room: Semaphore,
 }
 
 /// Why a command was not queued; it is handed back.
 enum Refused {
     Full(Command),
-    Closed(Command),
+    Closed,
 }
 
 impl Queue {
     fn new(capacity: usize) -> Queue {
         Queue {
             items: Mutex::new(VecDeque::new()),
-            capacity: capacity.max(1),
-            room: Notify::new(),
-            closed: AtomicBool::new(false),
+            room: Semaphore::new(capacity.clamp(1, Semaphore::MAX_PERMITS)),
         }
     }
 
@@ -219,32 +219,34 @@ impl Queue {
         self.items.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn try_push(&self, command: Command) -> Result<(), Refused> {
+    /// Queues a command whose place is already taken; hands it back if the
+    /// queue closed meanwhile (checked under the lock `close` takes, so
+    /// nothing is left behind in a closed queue).
+    fn put(&self, permit: SemaphorePermit<'_>, command: Command) -> Result<(), Command> {
         let mut items = self.lock();
-        if self.closed.load(Ordering::Acquire) {
-            return Err(Refused::Closed(command));
+        if self.room.is_closed() {
+            return Err(command);
         }
-        if items.len() >= self.capacity {
-            return Err(Refused::Full(command));
-        }
+        // The place now belongs to the command; `pop` gives it back.
+        permit.forget();
         items.push_back(command);
         Ok(())
     }
 
+    fn try_push(&self, command: Command) -> Result<(), Refused> {
+        match self.room.try_acquire() {
+            Ok(permit) => self.put(permit, command).map_err(|_| Refused::Closed),
+            Err(TryAcquireError::NoPermits) => Err(Refused::Full(command)),
+            Err(TryAcquireError::Closed) => Err(Refused::Closed),
+        }
+    }
+
     /// Queues `command`, waiting while the queue is full; hands it back
     /// once the send task has ended.
-    async fn push(&self, mut command: Command) -> Result<(), Command> {
-        loop {
-            // Registered before the check, so room made in between is not missed.
-            let room = self.room.notified();
-            tokio::pin!(room);
-            room.as_mut().enable();
-            match self.try_push(command) {
-                Ok(()) => return Ok(()),
-                Err(Refused::Closed(back)) => return Err(back),
-                Err(Refused::Full(back)) => command = back,
-            }
-            room.await;
+    async fn push(&self, command: Command) -> Result<(), Command> {
+        match self.room.acquire().await {
+            Ok(permit) => self.put(permit, command),
+            Err(_closed) => Err(command),
         }
     }
 
@@ -254,12 +256,9 @@ impl Queue {
     }
 
     fn pop(&self) -> Option<Command> {
-        let mut items = self.lock();
-        let was_full = items.len() >= self.capacity;
-        let command = items.pop_front();
-        drop(items);
-        if was_full {
-            self.room.notify_one();
+        let command = self.lock().pop_front();
+        if command.is_some() {
+            self.room.add_permits(1);
         }
         command
     }
@@ -267,9 +266,11 @@ impl Queue {
     /// Refuses everything from now on and drops what is queued (so pending
     /// flushes return); waiting senders get their command back.
     fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        let dropped = std::mem::take(&mut *self.lock());
-        self.room.notify_waiters();
+        let dropped = {
+            let mut items = self.lock();
+            self.room.close();
+            std::mem::take(&mut *items)
+        };
         drop(dropped);
     }
 }

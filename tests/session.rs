@@ -968,6 +968,56 @@ async fn outgoing_sends_from_another_task_and_as_a_sink() {
     server.shutdown().await;
 }
 
+/// Three tasks share one session's small outgoing queue while the client
+/// reads: every sender finishes and every message arrives, each sender's in
+/// order. (With a hand-made wake-up that let one waiting sender in per
+/// *full-to-not-full* change, the send task's several pops in a row woke only
+/// one of the waiting senders, and the others waited for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_senders_on_a_small_outgoing_queue_all_finish_and_nothing_is_lost() {
+    const SENDERS: usize = 3;
+    const EACH: usize = 200;
+    let server = Server::new().route_with_config(
+        "/many",
+        Config::default().outgoing_capacity(4).max_batch(8),
+        |mut session| async move {
+            let senders: Vec<_> = (0..SENDERS)
+                .map(|s| {
+                    let out = session.outgoing();
+                    tokio::spawn(async move {
+                        for i in 0..EACH {
+                            out.send(format!("{s}:{i}")).await?;
+                        }
+                        Ok::<_, Error>(())
+                    })
+                })
+                .collect();
+            for sender in senders {
+                within("every sender to finish", sender)
+                    .await
+                    .expect("a sender panicked")?;
+            }
+            session.send("done").await?;
+            while session.recv().await.is_some() {}
+            Ok::<_, Error>(())
+        },
+    );
+    let server = TestServer::start(server).await;
+    let mut client = server.connect("/many").await;
+    let mut next = [0usize; SENDERS];
+    for _ in 0..SENDERS * EACH {
+        let text = client.recv_text().await;
+        let (s, i) = text.split_once(':').expect("sender:index");
+        let (s, i): (usize, usize) = (s.parse().unwrap(), i.parse().unwrap());
+        assert_eq!(i, next[s], "sender {s}'s messages arrive in order");
+        next[s] += 1;
+    }
+    client.expect_text("done").await;
+    assert_eq!(next, [EACH; SENDERS]);
+    client.close(None).await;
+    server.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------
 // What the handler's return value means
 // ---------------------------------------------------------------------------
