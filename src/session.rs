@@ -853,6 +853,11 @@ impl Session {
     /// The send task batches: after one hub message it writes whatever else is
     /// already waiting (up to [`Config::max_batch`]) and flushes once. The
     /// hub's [`Policy`] decides what happens when this client falls behind.
+    ///
+    /// Once the session is closing (a Close sent or requested from any
+    /// handle, a limit tripped, the server shutting down), nothing more the
+    /// client sends is published: it is read and discarded until the client
+    /// answers the Close.
     pub async fn join(&mut self, subscription: Subscription) -> CloseReason {
         let hub = subscription.hub().clone();
         if self
@@ -867,7 +872,9 @@ impl Session {
             let mut bucket = self.out.shared.publish_rate.map(Bucket::new);
             let mut over_limit = false;
             while let Some(msg) = self.recv().await {
-                if !message::is_data(&msg) {
+                // Once a close is under way (sent, requested, or the send task
+                // is closing), what the client still sends reaches nobody.
+                if !message::is_data(&msg) || self.out.is_closed() {
                     continue;
                 }
                 if let Some(bucket) = bucket.as_mut() {

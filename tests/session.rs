@@ -1018,6 +1018,64 @@ async fn concurrent_senders_on_a_small_outgoing_queue_all_finish_and_nothing_is_
     server.shutdown().await;
 }
 
+/// Once the server has sent its Close, nothing the client sends is published:
+/// a client that ignores the Close and keeps talking reaches nobody.
+#[tokio::test]
+async fn join_publishes_nothing_a_client_sends_after_the_servers_close() {
+    let hub = Hub::new();
+    let (ended, mut ends) = unbounded_channel();
+    let server = Server::new()
+        .route("/closing", {
+            let hub = hub.clone();
+            move |mut session| {
+                let (hub, ended) = (hub.clone(), ended.clone());
+                async move {
+                    let subscription = hub.subscribe();
+                    // Closed before it joins, from another handle, as a
+                    // moderation task or a policy would.
+                    session
+                        .outgoing()
+                        .close(close_reason(CloseCode::Policy, "banned"));
+                    let reason = session.join(subscription).await;
+                    let _ = ended.send(reason);
+                }
+            }
+        })
+        .route("/observe", {
+            let hub = hub.clone();
+            move |mut session| {
+                let hub = hub.clone();
+                async move {
+                    let subscription = hub.subscribe();
+                    session.send("ready").await?;
+                    session.join(subscription).await;
+                    Ok::<_, Error>(())
+                }
+            }
+        });
+    let server = TestServer::start(server).await;
+    let mut observer = server.connect("/observe").await;
+    observer.expect_text("ready").await;
+
+    let mut talker = RawClient::upgrade(server.addr(), "/closing").await;
+    let (sent, why, _) = talker.expect_close().await;
+    assert_eq!((sent, why.as_str()), (1008, "banned"));
+    for i in 0..20 {
+        talker.send(Frame::text(format!("after close {i}"))).await;
+    }
+    talker.send(Frame::new(CLOSE, 1000u16.to_be_bytes())).await;
+    let reason = report(&mut ends, "the closed session to end").await;
+    assert_eq!(code(&reason), 1008, "{reason:?}");
+
+    // Everything the closed session read has been dealt with; the next thing
+    // the observer sees must be this, not one of the talker's messages.
+    let _ = hub.publish("marker").await.unwrap();
+    observer.expect_text("marker").await;
+    observer.close(None).await;
+    server.shutdown().await;
+}
+
+
 // ---------------------------------------------------------------------------
 // What the handler's return value means
 // ---------------------------------------------------------------------------
