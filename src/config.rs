@@ -335,7 +335,7 @@ pub struct HubConfig {
     /// Default: 1024. Larger buffers absorb longer bursts before the policy
     /// acts, and hold more memory for a slow subscriber (payloads are shared,
     /// so at most `capacity` payloads live at once however many subscribe).
-    /// Must be at least 1.
+    /// Must be at least 1 and at most [`HubConfig::MAX_CAPACITY`].
     pub capacity: usize,
     /// What happens when the buffer is full. Default: [`Policy::Suspend`].
     pub policy: Policy,
@@ -369,6 +369,13 @@ impl fmt::Debug for HubConfig {
 }
 
 impl HubConfig {
+    /// The largest [`capacity`](Self::capacity) a hub accepts: 1,048,576
+    /// messages. The channel allocates its slots up front (64 bytes each on
+    /// a 64-bit target, 64 MiB at this size), so a larger value is refused with
+    /// [`Error::Config`](crate::Error::Config) rather than risking an
+    /// allocation the machine cannot make.
+    pub const MAX_CAPACITY: usize = 1 << 20;
+
     /// Sets [`capacity`](Self::capacity).
     #[must_use]
     pub fn capacity(mut self, capacity: usize) -> Self {

@@ -33,6 +33,11 @@ pub enum Error {
     /// An I/O error, for example binding a listener. Fatal for what it names.
     #[error("I/O: {0}")]
     Io(#[from] io::Error),
+    /// A hub refused a publish ([`Hub::publish_json`](crate::Hub::publish_json)):
+    /// it is closed, or the message is not data. The session and the hub's
+    /// other users are not affected.
+    #[error("publish failed: {0}")]
+    Publish(#[from] crate::hub::PublishError),
     /// A configuration value is out of range; the message says which and why.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -153,12 +153,21 @@ impl Hub {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] if `config.capacity` is 0.
+    /// [`Error::Config`] if `config.capacity` is 0 or more than
+    /// [`HubConfig::MAX_CAPACITY`].
     pub fn with_config(config: HubConfig) -> Result<Hub, Error> {
         if config.capacity == 0 {
             return Err(Error::Config(
                 "hub capacity must be at least 1 (one message buffered)".into(),
             ));
+        }
+        if config.capacity > HubConfig::MAX_CAPACITY {
+            return Err(Error::Config(format!(
+                "hub capacity {} is more than the most a hub buffers ({} messages; \
+                 its slots are allocated up front)",
+                config.capacity,
+                HubConfig::MAX_CAPACITY
+            )));
         }
         Ok(Self::build(config))
     }
@@ -213,11 +222,11 @@ impl Hub {
     ///
     /// # Errors
     ///
-    /// [`Error::Json`] if `value` cannot be serialized; [`Error::Closed`] if
-    /// the hub is closed.
+    /// [`Error::Json`] if `value` cannot be serialized; [`Error::Publish`]
+    /// with [`PublishError::Closed`] if the hub is closed.
     pub async fn publish_json<T: Serialize + ?Sized>(&self, value: &T) -> Result<Published, Error> {
         let msg = message::json(value)?;
-        self.publish(msg).await.map_err(|_| Error::Closed(None))
+        Ok(self.publish(msg).await?)
     }
 
     /// Subscribes to every message published from now on (Ktor's `collect`).
@@ -565,6 +574,32 @@ mod tests {
     async fn zero_capacity_is_a_config_error() {
         let err = Hub::with_config(HubConfig::default().capacity(0)).unwrap_err();
         assert!(err.to_string().contains("capacity"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_capacity_too_large_to_allocate_is_a_config_error_not_a_panic() {
+        for capacity in [HubConfig::MAX_CAPACITY + 1, usize::MAX] {
+            let err = Hub::with_config(HubConfig::default().capacity(capacity)).unwrap_err();
+            assert!(matches!(err, Error::Config(_)), "{err:?}");
+            assert!(err.to_string().contains(&capacity.to_string()), "{err}");
+        }
+        let hub = Hub::with_config(HubConfig::default().capacity(HubConfig::MAX_CAPACITY));
+        assert!(hub.is_ok());
+    }
+
+    #[tokio::test]
+    async fn publish_json_to_a_closed_hub_says_the_hub_is_closed() {
+        let hub = hub(4, Policy::Suspend);
+        hub.close();
+        let err = hub
+            .publish_json(&serde_json::json!({"a": 1}))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::Publish(PublishError::Closed(_))),
+            "{err:?}"
+        );
+        assert_eq!(err.to_string(), "publish failed: the hub is closed");
     }
 
     #[tokio::test]

@@ -735,11 +735,13 @@ impl Session {
     }
 
     /// Waits until everything sent before this call is written to the socket
-    /// (Ktor's `flush`). Returns at once if the session is already closed.
+    /// (Ktor's `flush`).
     ///
     /// # Errors
     ///
-    /// None today; the `Result` leaves room for reporting write failures.
+    /// [`Error::Closed`] if the session is closed, or closes before
+    /// everything queued was written (the client stopped reading, the
+    /// connection failed): then some of it may never reach the client.
     pub async fn flush(&self) -> Result<(), Error> {
         self.out.flush().await
     }
@@ -872,9 +874,7 @@ impl Session {
             let mut bucket = self.out.shared.publish_rate.map(Bucket::new);
             let mut over_limit = false;
             while let Some(msg) = self.recv().await {
-                // Once a close is under way (sent, requested, or the send task
-                // is closing), what the client still sends reaches nobody.
-                if !message::is_data(&msg) || self.out.is_closed() {
+                if !message::is_data(&msg) {
                     continue;
                 }
                 if let Some(bucket) = bucket.as_mut() {
@@ -890,6 +890,11 @@ impl Session {
                         }
                         continue;
                     }
+                }
+                // Once a close is under way (sent, requested, or the send task
+                // is closing), what the client still sends reaches nobody.
+                if self.out.is_closed() {
+                    continue;
                 }
                 tokio::select! {
                     _ = kill.cancelled() => {}
@@ -1000,15 +1005,15 @@ impl Outgoing {
     ///
     /// # Errors
     ///
-    /// None today; see [`Session::flush`].
+    /// As [`Session::flush`].
     pub async fn flush(&self) -> Result<(), Error> {
         let (done, written) = oneshot::channel();
         if self.is_closed() || self.shared.push(Command::Flush(done)).await.is_err() {
-            return Ok(());
+            return Err(self.shared.closed_error());
         }
-        // A dropped sender means the session ended: nothing is left to flush.
-        let _ = written.await;
-        Ok(())
+        // The send task answers once what came before is written; it drops
+        // the answer if the session ends first.
+        written.await.map_err(|_| self.shared.closed_error())
     }
 
     /// Starts the closing handshake: what is already queued is written, then a
@@ -1513,8 +1518,10 @@ impl SendTask {
         } else {
             matches!(timeout(close_timeout, send_close).await, Ok(Ok(())))
         };
-        for done in flush_waiters {
-            let _ = done.send(());
+        if written {
+            for done in flush_waiters {
+                let _ = done.send(());
+            }
         }
         if !written {
             tracing::debug!(session = self.shared.id, "close frame not written");

@@ -598,6 +598,33 @@ async fn flush_returns_once_the_messages_are_written() {
     server.shutdown().await;
 }
 
+/// A flush that cannot finish because the client stopped reading reports
+/// it: the session is closed by `send_timeout`, and `flush` says so instead
+/// of pretending everything was written.
+#[tokio::test]
+async fn flush_reports_an_error_when_the_client_never_reads_what_was_sent() {
+    let (tx, mut reports) = unbounded_channel();
+    let config = Config::default().send_timeout(Duration::from_millis(300));
+    let server = Server::new().route_with_config("/stuck", config, move |session| {
+        let tx = tx.clone();
+        async move {
+            // Far more than the kernel's socket buffers hold.
+            let big = Message::binary(vec![7u8; 16 << 20]);
+            let _ = session.send(big).await;
+            let _ = tx.send(session.flush().await);
+            drop(session);
+        }
+    });
+    let server = TestServer::start(server).await;
+    let client = server.connect("/stuck").await; // never reads
+    match report(&mut reports, "flush to give up").await {
+        Err(err) => assert!(err.is_closed(), "expected Error::Closed, got {err:?}"),
+        Ok(()) => panic!("flush said 16 MiB reached a client that read nothing"),
+    }
+    drop(client);
+    server.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------
 // What the handler knows
 // ---------------------------------------------------------------------------
@@ -1074,7 +1101,6 @@ async fn join_publishes_nothing_a_client_sends_after_the_servers_close() {
     observer.close(None).await;
     server.shutdown().await;
 }
-
 
 // ---------------------------------------------------------------------------
 // What the handler's return value means
