@@ -57,6 +57,8 @@ struct Counters {
     dropped: AtomicU64,
     evicted: AtomicU64,
     lagged: AtomicU64,
+    delivered: AtomicU64,
+    unread: AtomicU64,
     disconnected: AtomicU64,
     rate_limited: AtomicU64,
 }
@@ -111,6 +113,15 @@ impl PublishError {
 }
 
 /// A snapshot of a hub's counters. Every count is since the hub was created.
+///
+/// The counts add up: every message published while a subscriber was
+/// subscribed is counted for it exactly once, as `delivered`, `lagged` or
+/// `unread`. So once every subscription is dropped, if all of them were
+/// subscribed for every publish, `delivered + lagged + unread` is
+/// `published` times the number of subscribers. A publish is counted once,
+/// as `published`, `no_subscribers` or `dropped`; `evicted` counts the
+/// messages the buffer let go before every subscriber had read them (each is
+/// `lagged` for at least one subscriber).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct HubStats {
@@ -127,8 +138,19 @@ pub struct HubStats {
     /// Oldest messages evicted to make room under [`Policy::DropOldest`] or
     /// [`Policy::Disconnect`].
     pub evicted: u64,
-    /// Messages subscribers skipped because they lagged, summed over subscribers.
+    /// Messages subscribers skipped because they lagged, summed over
+    /// subscribers (a subscription dropped while behind counts what it
+    /// missed too).
     pub lagged: u64,
+    /// Messages subscribers received, summed over subscribers. Each
+    /// subscription adds its count at least every
+    /// [`Subscription::COUNT_EVERY`] messages and when it is dropped; a
+    /// session's send task adds it after every batch it writes.
+    pub delivered: u64,
+    /// Messages still waiting for a subscriber when it was dropped (a
+    /// session that closed with messages it had not taken yet), summed over
+    /// subscribers.
+    pub unread: u64,
     /// Sessions the hub closed: lagging under [`Policy::Disconnect`], or a send
     /// that made no progress within [`Config::send_timeout`](crate::Config::send_timeout).
     pub disconnected: u64,
@@ -238,6 +260,8 @@ impl Hub {
             rx: self.shared.idle.activate_cloned(),
             hub: self.clone(),
             lagged: 0,
+            delivered: 0,
+            uncounted: 0,
         }
     }
 
@@ -284,6 +308,8 @@ impl Hub {
             dropped: c.dropped.load(Relaxed),
             evicted: c.evicted.load(Relaxed),
             lagged: c.lagged.load(Relaxed),
+            delivered: c.delivered.load(Relaxed),
+            unread: c.unread.load(Relaxed),
             disconnected: c.disconnected.load(Relaxed),
             rate_limited: c.rate_limited.load(Relaxed),
         }
@@ -372,6 +398,10 @@ pub struct Subscription {
     rx: Receiver<Message>,
     hub: Hub,
     lagged: u64,
+    delivered: u64,
+    /// Deliveries not yet added to the hub's `delivered` count (added in
+    /// groups, so subscribers do not all write one counter per message).
+    uncounted: u32,
 }
 
 /// Why [`Subscription::recv`] returned no message.
@@ -411,7 +441,7 @@ impl Subscription {
     /// the hub is closed and drained.
     pub async fn recv(&mut self) -> Result<Message, RecvError> {
         match self.rx.recv_direct().await {
-            Ok(msg) => Ok(msg),
+            Ok(msg) => Ok(self.got(msg)),
             Err(async_broadcast::RecvError::Overflowed(n)) => Err(RecvError::Lagged(self.lag(n))),
             Err(async_broadcast::RecvError::Closed) => Err(RecvError::Closed),
         }
@@ -424,7 +454,7 @@ impl Subscription {
     /// As [`recv`](Self::recv), plus [`TryRecvError::Empty`].
     pub fn try_recv(&mut self) -> Result<Message, TryRecvError> {
         match self.rx.try_recv() {
-            Ok(msg) => Ok(msg),
+            Ok(msg) => Ok(self.got(msg)),
             Err(BTryRecvError::Overflowed(n)) => Err(TryRecvError::Lagged(self.lag(n))),
             Err(BTryRecvError::Empty) => Err(TryRecvError::Empty),
             Err(BTryRecvError::Closed) => Err(TryRecvError::Closed),
@@ -436,12 +466,44 @@ impl Subscription {
         self.lagged
     }
 
-    /// How many messages are waiting for this subscriber.
+    /// How many messages this subscriber has received so far.
+    pub fn delivered(&self) -> u64 {
+        self.delivered
+    }
+
+    /// A subscription adds its deliveries to [`HubStats::delivered`] at
+    /// least this often (and when it is dropped, or after each batch a
+    /// session writes).
+    pub const COUNT_EVERY: u32 = 64;
+
+    /// Adds the deliveries not yet counted to the hub's count.
+    pub(crate) fn count_delivered(&mut self) {
+        if self.uncounted > 0 {
+            self.hub
+                .shared
+                .counters
+                .delivered
+                .fetch_add(u64::from(self.uncounted), Relaxed);
+            self.uncounted = 0;
+        }
+    }
+
+    fn got(&mut self, msg: Message) -> Message {
+        self.delivered += 1;
+        self.uncounted += 1;
+        if self.uncounted >= Self::COUNT_EVERY {
+            self.count_delivered();
+        }
+        msg
+    }
+
+    /// How many messages the hub buffers now: what its slowest subscriber
+    /// has yet to read (this subscriber may have read more of them).
     pub fn len(&self) -> usize {
         self.rx.len()
     }
 
-    /// Whether no message is waiting for this subscriber.
+    /// Whether the hub buffers no message now.
     pub fn is_empty(&self) -> bool {
         self.rx.is_empty()
     }
@@ -487,7 +549,7 @@ impl futures_util::Stream for Subscription {
     ) -> std::task::Poll<Option<Self::Item>> {
         std::pin::Pin::new(&mut self.rx).poll_recv(cx).map(|item| {
             item.map(|result| match result {
-                Ok(msg) => Ok(msg),
+                Ok(msg) => Ok(self.got(msg)),
                 Err(async_broadcast::RecvError::Overflowed(n)) => {
                     Err(RecvError::Lagged(self.lag(n)))
                 }
@@ -495,6 +557,30 @@ impl futures_util::Stream for Subscription {
                 Err(async_broadcast::RecvError::Closed) => Err(RecvError::Closed),
             })
         })
+    }
+}
+
+impl Drop for Subscription {
+    /// Accounts for what this subscriber leaves behind: messages evicted
+    /// before it read them are `lagged`, messages still waiting are `unread`.
+    fn drop(&mut self) {
+        self.count_delivered();
+        // Taking what is left is the only way to learn this receiver's own
+        // backlog; it is at most the hub's capacity, and frees each slot for
+        // a publisher waiting under Suspend as it goes.
+        let mut unread = 0;
+        loop {
+            match self.rx.try_recv() {
+                Ok(_) => unread += 1,
+                Err(BTryRecvError::Overflowed(n)) => {
+                    self.lag(n);
+                }
+                Err(BTryRecvError::Empty | BTryRecvError::Closed) => break,
+            }
+        }
+        if unread > 0 {
+            self.hub.shared.counters.unread.fetch_add(unread, Relaxed);
+        }
     }
 }
 
@@ -660,6 +746,63 @@ mod tests {
         assert!(hub.publish(text(1)).await.unwrap_err().is_closed());
         assert_eq!(sub.recv().await.unwrap(), text(0));
         assert_eq!(sub.recv().await, Err(RecvError::Closed));
+    }
+
+    /// Under every policy, with a fast reader, a slow one, one that reads
+    /// nothing and one dropped while behind: each message published while a
+    /// subscriber was there is counted for it once, as delivered, lagged or
+    /// unread.
+    #[tokio::test]
+    async fn the_counters_add_up_under_every_policy() {
+        const PUBLISHES: usize = 50;
+        for policy in Policy::ALL {
+            let hub = hub(8, policy);
+            let mut fast = hub.subscribe();
+            let mut slow = hub.subscribe();
+            let deaf = hub.subscribe();
+            let mut quitter = hub.subscribe();
+            let mut offered = 0;
+            for i in 0..PUBLISHES {
+                let outcome = match hub.try_publish(text(i)) {
+                    Ok(outcome) => outcome,
+                    // Suspend's buffer is full: the readers that read nothing
+                    // hold it, so stop publishing there.
+                    Err(PublishError::Full(_)) => break,
+                    Err(err) => panic!("{policy}: {err}"),
+                };
+                offered += 1;
+                assert_ne!(outcome, Published::NoSubscribers);
+                while let Ok(_) | Err(TryRecvError::Lagged(_)) = fast.try_recv() {}
+                if i % 3 == 0 {
+                    let _ = slow.try_recv();
+                }
+                if i == PUBLISHES / 2 {
+                    let _ = quitter.try_recv();
+                }
+            }
+            drop(quitter); // behind, with messages waiting
+            drop((fast, slow, deaf));
+            let stats = hub.stats();
+            assert_eq!(stats.subscribers, 0, "{policy}");
+            assert_eq!(
+                stats.published + stats.dropped,
+                offered,
+                "{policy}: every publish counted once: {stats:?}"
+            );
+            assert_eq!(
+                stats.delivered + stats.lagged + stats.unread,
+                4 * stats.published,
+                "{policy}: every message counted once per subscriber: {stats:?}"
+            );
+            if policy.overflows() {
+                assert!(
+                    stats.evicted > 0 && stats.lagged >= stats.evicted,
+                    "{policy}: {stats:?}"
+                );
+            } else {
+                assert_eq!((stats.evicted, stats.lagged), (0, 0), "{policy}: {stats:?}");
+            }
+        }
     }
 
     #[tokio::test]

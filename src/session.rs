@@ -1352,6 +1352,10 @@ impl SendTask {
             }
         }
         self.flush().await?;
+        if let Some(fwd) = self.sub.as_mut() {
+            // Once per batch, not per message: one shared counter for all.
+            fwd.sub.count_delivered();
+        }
         if written > 0 {
             if let Some(idle) = self.idle.as_mut() {
                 idle.wrote = Instant::now();

@@ -802,3 +802,72 @@ async fn send_timeout_spares_a_slow_client_that_keeps_reading() {
     assert_eq!(hub.subscriber_count(), 1);
     server.shutdown().await;
 }
+
+/// The hub's counters add up under every policy, with real sessions: two
+/// fast clients and one whose socket is full while everything is published,
+/// so all three are subscribed for every publish. Afterwards the stuck client
+/// reads what it still can (under Disconnect it is closed for its lag once it
+/// sees it). Every message is then counted once per subscriber, as
+/// delivered, lagged or left unread.
+#[tokio::test]
+async fn the_counters_add_up_under_every_policy() {
+    for policy in Policy::ALL {
+        let hub = hub(policy);
+        // Long enough that nobody is cut off while the test publishes.
+        let mut scene = Scene::start(&hub, config(Duration::from_secs(30))).await;
+        let mut published = 0;
+        for i in 0..200 {
+            let outcome = match hub.try_publish(numbered(i)) {
+                Ok(outcome) => outcome,
+                // The stuck client holds Suspend's buffer: stop there.
+                Err(err) if err.is_full() => break,
+                Err(err) => panic!("{policy}: {err}"),
+            };
+            if outcome == Published::Queued {
+                published += 1;
+                for client in scene.fast.iter_mut() {
+                    client.expect(i).await;
+                }
+            }
+        }
+        assert!(published > CAPACITY as u64, "{policy}: only {published}");
+        // Now the stuck client reads until it has had everything (got or
+        // skipped; only it can lag), or its session has ended.
+        let mut got = 0u64;
+        within(
+            &format!("{policy}: the stuck client to read what it can"),
+            async {
+                while got + hub.stats().lagged < published && hub.subscriber_count() == 3 {
+                    let next = tokio::time::timeout(Duration::from_millis(50), scene.slow.next());
+                    match next.await {
+                        Ok(Some(Ok(Message::Binary(_)))) => got += 1,
+                        Ok(Some(Ok(_))) | Err(_) => {}
+                        Ok(Some(Err(_)) | None) => break,
+                    }
+                }
+            },
+        )
+        .await;
+        scene.server.shutdown().await;
+        wait_until("every subscription to be dropped", || {
+            hub.subscriber_count() == 0
+        })
+        .await;
+        let stats = hub.stats();
+        assert_eq!(stats.published, published, "{policy}: {stats:?}");
+        assert_eq!(
+            stats.delivered + stats.lagged + stats.unread,
+            3 * published,
+            "{policy}: each message counted once per subscriber: {stats:?}"
+        );
+        if matches!(policy, Policy::DropOldest | Policy::Disconnect) {
+            assert!(
+                stats.evicted > 0 && stats.lagged >= stats.evicted,
+                "{policy}: {stats:?}"
+            );
+        } else {
+            assert_eq!((stats.lagged, stats.evicted), (0, 0), "{policy}: {stats:?}");
+            assert_eq!(got, published, "{policy}: the stuck client gets everything");
+        }
+    }
+}
