@@ -92,12 +92,20 @@ pub struct Config {
     /// messages, at that cost per connection. A buffer grown for a large
     /// frame keeps its size.
     pub read_buffer_size: usize,
-    /// How many bytes of outgoing frames are gathered before a write to the
-    /// socket; a flush writes whatever is gathered.
+    /// The write buffer's size: how many bytes of outgoing frames may wait
+    /// for the socket before the send task stops queuing more.
     ///
     /// Default: 16 KiB. `0` writes every frame at once (one syscall each).
-    /// The write buffer holds at most this plus one message, because the send
-    /// task waits for the socket before it queues more.
+    /// Frames are gathered while the socket takes them and written together
+    /// (one vectored write for a batch). A payload over 1 KiB is not copied
+    /// into the buffer: it is written from the message's own shared bytes, so
+    /// a broadcast costs each subscriber a frame header and a reference,
+    /// however large the message. What one connection's write buffer holds
+    /// is therefore at most this, plus one frame header and one payload of at
+    /// most 1 KiB copied, plus the 1 KiB of pongs and Close frames
+    /// tungstenite may hold while the buffer is full; and a client that keeps
+    /// sending pings while not reading their pongs is closed with 1008
+    /// "ping flood" after 32 of them.
     pub write_buffer_size: usize,
     /// How many messages a session's own outgoing queue (the one
     /// [`Session::send`](crate::Session::send) fills) holds before `send` waits.
@@ -293,16 +301,9 @@ impl Config {
         self
     }
 
-    /// The tungstenite configuration these options imply: buffer sizes and
-    /// limits. Pass it when you upgrade a connection yourself and then
-    /// [`Session::attach`](crate::Session::attach) it, so the limits match.
-    ///
-    /// ```
-    /// let ws_config = wshub::Config::default().max_message_size(Some(4096)).websocket_config();
-    /// assert_eq!(ws_config.max_message_size, Some(4096));
-    /// assert_eq!(ws_config.max_frame_size, Some(4096));
-    /// ```
-    pub fn websocket_config(&self) -> WebSocketConfig {
+    /// The tungstenite configuration these options imply: the read buffer
+    /// and the frame and message limits.
+    pub(crate) fn websocket_config(&self) -> WebSocketConfig {
         // A frame can never be larger than the message it belongs to.
         let max_frame = match (self.max_frame_size, self.max_message_size) {
             (Some(f), Some(m)) => Some(f.min(m)),
@@ -310,7 +311,6 @@ impl Config {
         };
         WebSocketConfig::default()
             .read_buffer_size(self.read_buffer_size)
-            .write_buffer_size(self.write_buffer_size)
             .max_frame_size(max_frame)
             .max_message_size(self.max_message_size)
     }
@@ -415,7 +415,6 @@ mod tests {
         let c = Config::default();
         let ws = c.websocket_config();
         assert_eq!(ws.read_buffer_size, 512);
-        assert_eq!(ws.write_buffer_size, 16384);
         assert_eq!(ws.max_message_size, Some(1 << 20));
         assert_eq!(ws.max_frame_size, Some(1 << 20));
         assert!(!ws.accept_unmasked_frames);

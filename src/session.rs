@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use futures_util::stream::BoxStream;
 use futures_util::task::AtomicWaker;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::VecDeque;
@@ -37,7 +37,7 @@ use crate::hub::{RecvError, Subscription, TryRecvError};
 use crate::message::{self, Bytes, CloseCode, CloseReason, Message, Utf8Bytes, close_reason};
 use crate::policy::{OnLag, Policy};
 use crate::request::Request;
-use crate::transport::{Meter, Metered, Transport};
+use crate::transport::{MAX_UNANSWERED_PINGS, Meter, TUNGSTENITE_BUFFER, Transport, Wire};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -418,57 +418,16 @@ pub(crate) struct Setup {
 }
 
 impl Session {
-    /// Attaches a session to a WebSocket connection that something else
-    /// upgraded (your own HTTP server, a test), and starts its send task on the
-    /// current tokio runtime.
-    ///
-    /// Only the send-side options of `config` apply (timeouts, ping, batch and
-    /// queue sizes); frame and message limits belong to the `WebSocketStream`
-    /// you built, so build it with [`Config::websocket_config`]. wshub cannot
-    /// count the bytes of a stream it did not build, so here
-    /// [`Config::send_timeout`] bounds each whole write; use
-    /// [`from_upgraded`](Self::from_upgraded) when you have the raw connection.
-    ///
-    /// # Panics
-    ///
-    /// If called outside a tokio runtime.
-    ///
-    /// ```no_run
-    /// # async fn demo(tcp: tokio::net::TcpStream) -> Result<(), Box<dyn std::error::Error>> {
-    /// use wshub::{Config, Hub, Request, Session};
-    /// let hub = Hub::new();
-    /// let config = Config::default();
-    /// let ws = tokio_tungstenite::accept_async_with_config(tcp, Some(config.websocket_config())).await?;
-    /// let mut session = Session::attach(ws, Request::unknown(), &config);
-    /// let reason = session.join(hub.subscribe()).await;
-    /// println!("closed: {reason}");
-    /// # Ok(()) }
-    /// ```
-    pub fn attach<S>(ws: WebSocketStream<S>, request: Request, config: &Config) -> Session
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let (session, _send_task) = Session::start(
-            ws,
-            None,
-            Setup {
-                config: config.clone(),
-                request,
-                raw: false,
-                managed: false,
-            },
-        );
-        session
-    }
-
     /// Starts a session on a connection your own HTTP server has already
     /// answered with `101 Switching Protocols` (for example hyper's
     /// `Upgraded`, wrapped in `TokioIo`), applying every option of `config`.
     ///
-    /// Prefer this to [`attach`](Self::attach) when you hold the raw
-    /// connection: wshub then counts the bytes the socket accepts, so
-    /// [`Config::send_timeout`] closes only a client that takes nothing at all,
-    /// never one that is slowly reading a large message.
+    /// wshub builds the WebSocket stream itself, with every limit of
+    /// `config` (frame and message sizes, buffers), its own write buffer
+    /// (broadcast payloads are written from the hub's shared bytes, never
+    /// copied per session), and a count of the bytes the socket accepts, so
+    /// that [`Config::send_timeout`] closes only a client that takes nothing
+    /// at all, never one that is slowly reading a large message.
     ///
     /// # Panics
     ///
@@ -486,27 +445,22 @@ impl Session {
         Session::start_upgraded(io, setup).await.0
     }
 
-    /// Builds the WebSocket stream over a metered connection and starts the session.
+    /// Builds the WebSocket stream over wshub's write buffer and starts the
+    /// session and its send task.
     pub(crate) async fn start_upgraded<S>(io: S, setup: Setup) -> (Session, JoinHandle<()>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (io, meter) = Metered::new(io);
-        let ws_config = setup.config.websocket_config();
-        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config)).await;
-        Session::start(ws, Some(meter), setup)
-    }
-
-    /// Starts a session and its send task.
-    fn start<S>(
-        ws: WebSocketStream<S>,
-        meter: Option<Meter>,
-        setup: Setup,
-    ) -> (Session, JoinHandle<()>)
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let (reader, writer) = Transport::pair(ws, meter);
+        let wire = Wire::new(io, setup.config.write_buffer_size);
+        // tungstenite writes only what the protocol makes it write (pongs,
+        // Close frames), straight into the Wire; data frames bypass it.
+        let ws_config = setup
+            .config
+            .websocket_config()
+            .write_buffer_size(0)
+            .max_write_buffer_size(TUNGSTENITE_BUFFER);
+        let ws = WebSocketStream::from_raw_socket(wire, Role::Server, Some(ws_config)).await;
+        let (reader, writer) = Transport::pair(ws);
         let config = setup.config;
         let shared = Arc::new(Shared {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -612,6 +566,19 @@ impl Session {
                     Message::Text(_) | Message::Binary(_) => {
                         self.out.shared.heard_now();
                         return Some(msg);
+                    }
+                    Message::Ping(_) if reader.unanswered_pings() > MAX_UNANSWERED_PINGS => {
+                        tracing::debug!(session = self.id(), "ping flood");
+                        self.out.shared.request_close(CloseRequest {
+                            reason: close_reason(
+                                CloseCode::Policy,
+                                "ping flood: pings sent faster than the pongs are read",
+                            ),
+                            handshake: false,
+                            drain_hub: false,
+                        });
+                        self.reader = None;
+                        return None;
                     }
                     Message::Ping(_) if self.raw => return Some(msg),
                     Message::Pong(_) => {
@@ -1437,20 +1404,32 @@ impl SendTask {
         self.flush().await
     }
 
-    /// Feeds one message, giving up after `send_timeout` without progress.
+    /// Queues one message once the write buffer has room, giving up after
+    /// `send_timeout` without progress. A Close frame goes through
+    /// tungstenite, which needs the buffer empty for it.
     async fn write(&mut self, msg: Message) -> Result<(), Stop> {
-        let meter = self.sink.meter();
-        match until_stuck(self.send_timeout, meter, self.sink.feed(msg)).await {
-            Some(Ok(())) => Ok(()),
-            Some(Err(err)) => Err(self.broken(err)),
-            None => Err(self.stuck()),
+        let empty_first = matches!(msg, Message::Close(_) | Message::Frame(_));
+        let sink = &self.sink;
+        let room = poll_fn(|cx| {
+            if empty_first {
+                sink.poll_flush(cx)
+            } else {
+                sink.poll_ready(cx)
+            }
+        });
+        match until_stuck(self.send_timeout, sink.meter(), room).await {
+            Some(Ok(())) => {}
+            Some(Err(err)) => return Err(self.broken(err)),
+            None => return Err(self.stuck()),
         }
+        self.sink.start_send(msg).map_err(|err| self.broken(err))
     }
 
-    /// Flushes, giving up after `send_timeout` without progress.
+    /// Writes everything queued, giving up after `send_timeout` without progress.
     async fn flush(&mut self) -> Result<(), Stop> {
-        let meter = self.sink.meter();
-        match until_stuck(self.send_timeout, meter, self.sink.flush()).await {
+        let sink = &self.sink;
+        let flushed = poll_fn(|cx| sink.poll_flush(cx));
+        match until_stuck(self.send_timeout, sink.meter(), flushed).await {
             Some(Ok(())) => Ok(()),
             Some(Err(err)) => Err(self.broken(err)),
             None => Err(self.stuck()),
@@ -1553,11 +1532,10 @@ impl SendTask {
 }
 
 /// Runs `write` until it finishes, or until `patience` passes without the
-/// socket accepting a byte (`None`). Without a meter, progress cannot be seen
-/// and `patience` bounds the whole write.
+/// socket accepting a byte (`None`).
 async fn until_stuck<F: std::future::Future>(
     patience: Duration,
-    meter: Option<Meter>,
+    meter: &Meter,
     write: F,
 ) -> Option<F::Output> {
     tokio::pin!(write);
@@ -1565,13 +1543,13 @@ async fn until_stuck<F: std::future::Future>(
     if let Poll::Ready(output) = poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
         return Some(output);
     }
-    let mut seen = meter.as_ref().map(Meter::written);
+    let mut seen = meter.written();
     loop {
         match timeout(patience, &mut write).await {
             Ok(output) => return Some(output),
             Err(_) => {
-                let now = meter.as_ref().map(Meter::written);
-                if now.is_none() || now == seen {
+                let now = meter.written();
+                if now == seen {
                     return None;
                 }
                 seen = now;

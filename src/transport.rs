@@ -1,49 +1,96 @@
-//! A type-erased WebSocket stream shared by a session's reader and its send task.
+//! The WebSocket connection shared by a session's reader and its send task,
+//! and [`Wire`], the write buffer under it.
 //!
 //! Both halves lock a `std::sync::Mutex` only for the duration of one poll, the
 //! way `futures::StreamExt::split` locks its `BiLock`; no lock is held across
 //! an `.await`. Erasing the stream type keeps [`Session`](crate::Session)
 //! non-generic, so handlers are plain `async fn(Session)` whatever the socket.
+//!
+//! # Why wshub writes its own data frames
+//!
+//! tungstenite copies every frame it writes into the connection's write
+//! buffer, and that buffer keeps the size of the largest message it ever
+//! held. A broadcast of one large message would then cost every subscriber a
+//! copy of it, for as long as the connection lives. So text, binary, ping
+//! and pong frames from the send task bypass tungstenite: [`Wire`] queues the
+//! frame header and, for anything but a small payload, the payload's shared
+//! `Bytes` itself, and writes them with vectored writes. A payload is never
+//! copied per subscriber, and a connection's buffer holds at most
+//! [`Config::write_buffer_size`](crate::Config::write_buffer_size) plus one
+//! frame header and one small payload of its own.
+//!
+//! tungstenite still reads every frame and writes what the protocol makes it
+//! write (pongs, the Close handshake). Those bytes pass through [`Wire`] too,
+//! in order, and are refused (so tungstenite keeps them, and coalesces pongs)
+//! while the buffer is over its limit: a client that sends pings and reads
+//! nothing cannot grow the server's memory.
 
-use std::io;
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
+use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Sink, Stream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Error as WsError;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 
 use crate::message::Message;
 
-/// The operations a session needs from a WebSocket stream.
+/// Payloads up to this size are copied next to their frame header; larger
+/// ones are queued as the shared `Bytes` they are (copying a small payload
+/// costs less than one more slice in a vectored write).
+const INLINE: usize = 1024;
+
+/// The most slices one vectored write hands to the kernel.
+const MAX_SLICES: usize = 64;
+
+/// A drained buffer keeps at most this much memory for the next write.
+const KEEP: usize = 4096;
+
+/// The bytes tungstenite may hold on its own (pongs and a Close frame the
+/// [`Wire`] refused for now); it cannot be less than one control frame.
+pub(crate) const TUNGSTENITE_BUFFER: usize = 1024;
+
+/// Pings read in a row while the connection's write buffer is over its
+/// limit (the client is sending pings but not reading our answers) before
+/// the session is closed as a ping flood.
+pub(crate) const MAX_UNANSWERED_PINGS: u32 = 32;
+
+/// The operations a session needs from a WebSocket stream over a [`Wire`].
 trait WsIo: Send {
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, WsError>>>;
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>>;
-    fn start_send(&mut self, msg: Message) -> Result<(), WsError>;
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>>;
-    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>>;
+    fn start_send(&mut self, msg: Message) -> Result<(), WsError>;
+    fn wire(&mut self) -> &mut WireState;
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
-impl<S> WsIo for WebSocketStream<S>
+impl<S> WsIo for WebSocketStream<Wire<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, WsError>>> {
         Pin::new(self).poll_next(cx)
     }
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        Sink::poll_ready(Pin::new(self), cx)
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        Sink::poll_flush(Pin::new(self), cx)
     }
     fn start_send(&mut self, msg: Message) -> Result<(), WsError> {
         Sink::start_send(Pin::new(self), msg)
     }
-    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        Sink::poll_flush(Pin::new(self), cx)
+    fn wire(&mut self) -> &mut WireState {
+        &mut self.get_mut().state
     }
-    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().poll_drain(cx)
+    }
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(self.get_mut()).poll_shutdown(cx)
     }
 }
@@ -51,18 +98,17 @@ where
 /// One half of a shared WebSocket stream. [`Transport::pair`] makes two.
 pub(crate) struct Transport {
     io: Arc<Mutex<dyn WsIo>>,
-    meter: Option<Meter>,
+    meter: Meter,
 }
 
 impl Transport {
-    /// Splits a WebSocket stream into a reading half and a writing half.
-    ///
-    /// `meter` counts the bytes the socket accepted, when the stream was built
-    /// over a [`Metered`] connection.
-    pub(crate) fn pair<S>(ws: WebSocketStream<S>, meter: Option<Meter>) -> (Transport, Transport)
+    /// Splits a WebSocket stream over a [`Wire`] into a reading half and a
+    /// writing half.
+    pub(crate) fn pair<S>(ws: WebSocketStream<Wire<S>>) -> (Transport, Transport)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let meter = ws.get_ref().state.meter.clone();
         let io: Arc<Mutex<dyn WsIo>> = Arc::new(Mutex::new(ws));
         (
             Transport {
@@ -73,9 +119,9 @@ impl Transport {
         )
     }
 
-    /// The byte counter of the connection, if it is metered.
-    pub(crate) fn meter(&self) -> Option<Meter> {
-        self.meter.clone()
+    /// The byte counter of the connection.
+    pub(crate) fn meter(&self) -> &Meter {
+        &self.meter
     }
 
     fn lock(&self) -> MutexGuard<'_, dyn WsIo + 'static> {
@@ -84,33 +130,107 @@ impl Transport {
         self.io.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Shuts the socket's write side down (sends FIN), best effort.
-    pub(crate) fn poll_shutdown(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+    /// Reads the next message (tungstenite answers pings and Close frames
+    /// as it reads). A ping read while the write buffer is over its limit
+    /// counts towards a ping flood; see [`Transport::unanswered_pings`].
+    pub(crate) fn poll_next_message(
+        &self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Message, WsError>>> {
+        let mut io = self.lock();
+        let item = ready!(io.poll_read(cx));
+        match &item {
+            Some(Ok(Message::Ping(_))) => {
+                let wire = io.wire();
+                if wire.out.len > wire.limit {
+                    wire.unanswered_pings += 1;
+                } else {
+                    wire.unanswered_pings = 0;
+                }
+            }
+            // tungstenite answers the client's Close; no data may follow it.
+            Some(Ok(Message::Close(_))) => io.wire().closing = true,
+            _ => {}
+        }
+        Poll::Ready(item)
+    }
+
+    /// Pings read in a row while the client was not reading what the server
+    /// wrote.
+    pub(crate) fn unanswered_pings(&self) -> u32 {
+        self.lock().wire().unanswered_pings
+    }
+
+    /// Ready when the write buffer has room for another frame (at most
+    /// `write_buffer_size` is waiting), writing it out until then.
+    pub(crate) fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        let mut io = self.lock();
+        if io.wire().out.len <= io.wire().limit {
+            return Poll::Ready(Ok(()));
+        }
+        flush_all(&mut *io, cx)
+    }
+
+    /// Queues a message for the next write. Text, binary, ping and pong
+    /// frames are queued by [`Wire`] without copying a large payload; a
+    /// Close frame (or a raw frame) goes through tungstenite, which needs an
+    /// empty buffer for it, so call [`poll_flush`](Self::poll_flush) first.
+    pub(crate) fn start_send(&self, msg: Message) -> Result<(), WsError> {
+        let mut io = self.lock();
+        let opcode = match &msg {
+            Message::Text(_) => 0x1,
+            Message::Binary(_) => 0x2,
+            Message::Ping(_) => 0x9,
+            Message::Pong(_) => 0xA,
+            Message::Close(_) | Message::Frame(_) => {
+                if matches!(msg, Message::Close(_)) {
+                    io.wire().closing = true;
+                }
+                return io.start_send(msg);
+            }
+        };
+        let wire = io.wire();
+        if wire.closing {
+            return Err(WsError::Protocol(ProtocolError::SendAfterClosing));
+        }
+        let payload = match msg {
+            Message::Text(text) => Bytes::from(text),
+            Message::Binary(bytes) | Message::Ping(bytes) | Message::Pong(bytes) => bytes,
+            Message::Close(_) | Message::Frame(_) => unreachable!("handled above"),
+        };
+        wire.out.push_frame(opcode, payload);
+        Ok(())
+    }
+
+    /// Writes everything queued (tungstenite's bytes included) and flushes
+    /// the socket.
+    pub(crate) fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        flush_all(&mut *self.lock(), cx)
+    }
+
+    /// Shuts the socket's write side down (sends FIN) after what is queued,
+    /// best effort.
+    pub(crate) fn poll_shutdown(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.lock().poll_shutdown(cx)
     }
+}
+
+/// Flushes through tungstenite, so that the pongs and Close frames it holds
+/// go out in order and its wake-ups reach both halves; once tungstenite has
+/// ended the connection it no longer flushes the [`Wire`], which is then
+/// drained directly (nothing else writes by then).
+fn flush_all(io: &mut dyn WsIo, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+    ready!(io.poll_flush(cx))?;
+    if io.wire().out.len > 0 {
+        ready!(io.poll_drain(cx))?;
+    }
+    Poll::Ready(Ok(()))
 }
 
 impl Stream for Transport {
     type Item = Result<Message, WsError>;
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.lock().poll_read(cx)
-    }
-}
-
-impl Sink<Message> for Transport {
-    type Error = WsError;
-    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        self.lock().poll_ready(cx)
-    }
-    fn start_send(self: Pin<&mut Self>, msg: Message) -> Result<(), WsError> {
-        self.lock().start_send(msg)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        self.lock().poll_flush(cx)
-    }
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        // The session sends its own Close frame; closing the sink only flushes.
-        self.lock().poll_flush(cx)
+        self.poll_next_message(cx)
     }
 }
 
@@ -126,70 +246,250 @@ impl Meter {
     }
 }
 
-/// A connection whose writes are counted by a [`Meter`].
-#[derive(Debug)]
-pub(crate) struct Metered<S> {
-    inner: S,
-    meter: Meter,
+/// The bytes waiting to be written, in order: shared chunks, then a tail of
+/// small pieces copied together.
+#[derive(Debug, Default)]
+struct Outbox {
+    chunks: VecDeque<Bytes>,
+    tail: BytesMut,
+    /// Bytes queued in all.
+    len: usize,
 }
 
-impl<S> Metered<S> {
-    pub(crate) fn new(inner: S) -> (Metered<S>, Meter) {
-        let meter = Meter::default();
-        (
-            Metered {
-                inner,
-                meter: meter.clone(),
-            },
-            meter,
-        )
+impl Outbox {
+    fn push_small(&mut self, bytes: &[u8]) {
+        self.tail.extend_from_slice(bytes);
+        self.len += bytes.len();
+    }
+
+    fn push_shared(&mut self, bytes: Bytes) {
+        if !self.tail.is_empty() {
+            self.chunks.push_back(self.tail.split().freeze());
+        }
+        self.len += bytes.len();
+        self.chunks.push_back(bytes);
+    }
+
+    /// Queues one unmasked, final frame (RFC 6455 §5.2).
+    fn push_frame(&mut self, opcode: u8, payload: Bytes) {
+        let mut header = [0u8; 10];
+        header[0] = 0x80 | opcode;
+        let len = payload.len();
+        let header = if len < 126 {
+            header[1] = len as u8;
+            &header[..2]
+        } else if let Ok(len) = u16::try_from(len) {
+            header[1] = 126;
+            header[2..4].copy_from_slice(&len.to_be_bytes());
+            &header[..4]
+        } else {
+            header[1] = 127;
+            header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+            &header[..10]
+        };
+        self.push_small(header);
+        if len <= INLINE {
+            self.push_small(&payload);
+        } else {
+            self.push_shared(payload);
+        }
+    }
+
+    /// The next slices to write, in order.
+    fn slices<'a>(&'a self, slices: &mut [IoSlice<'a>; MAX_SLICES]) -> usize {
+        let mut n = 0;
+        for chunk in self.chunks.iter().take(MAX_SLICES - 1) {
+            slices[n] = IoSlice::new(chunk);
+            n += 1;
+        }
+        if !self.tail.is_empty() && n < MAX_SLICES && n == self.chunks.len() {
+            slices[n] = IoSlice::new(&self.tail);
+            n += 1;
+        }
+        n
+    }
+
+    /// Drops the first `n` bytes, which the socket has taken.
+    fn advance(&mut self, mut n: usize) {
+        self.len -= n;
+        while n > 0 {
+            match self.chunks.front_mut() {
+                Some(chunk) if chunk.len() <= n => {
+                    n -= chunk.len();
+                    self.chunks.pop_front();
+                }
+                Some(chunk) => {
+                    chunk.advance(n);
+                    return;
+                }
+                None => {
+                    self.tail.advance(n);
+                    n = 0;
+                }
+            }
+        }
+        if self.len == 0 {
+            // A buffer that grew past KEEP for one burst is given back; a
+            // small one is kept for the next write.
+            self.tail.clear();
+            if self.tail.try_reclaim(KEEP + 1) {
+                self.tail = BytesMut::new();
+            }
+        }
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+/// What a [`Wire`] knows besides its socket.
+#[derive(Debug)]
+pub(crate) struct WireState {
+    out: Outbox,
+    /// tungstenite's writes are refused while more than this is queued.
+    limit: usize,
+    meter: Meter,
+    /// A Close frame has been received or queued: no data frame may follow.
+    closing: bool,
+    unanswered_pings: u32,
+}
+
+/// A connection with wshub's write buffer: everything written to the socket
+/// passes through it, tungstenite's frames and the send task's alike, in the
+/// order they were queued.
+#[derive(Debug)]
+pub(crate) struct Wire<S> {
+    io: S,
+    state: WireState,
+}
+
+impl<S> Wire<S> {
+    /// Wraps a connection; `limit` is the write buffer's size
+    /// ([`Config::write_buffer_size`](crate::Config::write_buffer_size)).
+    pub(crate) fn new(io: S, limit: usize) -> Wire<S> {
+        Wire {
+            io,
+            state: WireState {
+                out: Outbox::default(),
+                limit,
+                meter: Meter::default(),
+                closing: false,
+                unanswered_pings: 0,
+            },
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Wire<S> {
+    /// Writes until nothing is queued.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let state = &mut self.state;
+        while state.out.len > 0 {
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let count = state.out.slices(&mut slices);
+            let n = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            state.out.advance(n);
+            state.meter.0.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Wire<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+/// tungstenite's side: it writes whole frames (its own buffer, all of it), which
+/// are queued behind what is already there, or refused while the buffer is
+/// over its limit.
+impl<S: AsyncWrite + Unpin> AsyncWrite for Wire<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = result {
-            self.meter.0.fetch_add(n as u64, Ordering::Relaxed);
+        if self.state.out.len > self.state.limit {
+            // Try to make room first; the bytes are all taken or none are,
+            // so tungstenite never holds half a frame.
+            if let Poll::Ready(Err(err)) = self.poll_drain(cx) {
+                return Poll::Ready(Err(err));
+            }
+            if self.state.out.len > self.state.limit {
+                return Poll::Pending;
+            }
         }
-        result
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = result {
-            self.meter.0.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        result
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.state.out.push_small(buf);
+        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        ready!(self.poll_drain(cx))?;
+        Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        ready!(self.poll_drain(cx))?;
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drained(out: &Outbox) -> Vec<u8> {
+        let mut bytes: Vec<u8> = out.chunks.iter().flat_map(|c| c.iter().copied()).collect();
+        bytes.extend_from_slice(&out.tail);
+        bytes
+    }
+
+    #[test]
+    fn frames_are_encoded_as_rfc_6455_server_frames() {
+        let mut out = Outbox::default();
+        out.push_frame(0x1, Bytes::from_static(b"hi"));
+        out.push_frame(0x2, Bytes::from(vec![7u8; 300]));
+        out.push_frame(0x2, Bytes::from(vec![9u8; 70_000]));
+        let bytes = drained(&out);
+        assert_eq!(&bytes[..4], &[0x81, 2, b'h', b'i']);
+        assert_eq!(&bytes[4..8], &[0x82, 126, 1, 44]);
+        assert!(bytes[8..308].iter().all(|&b| b == 7));
+        assert_eq!(&bytes[308..310], &[0x82, 127]);
+        assert_eq!(&bytes[310..318], &70_000u64.to_be_bytes());
+        assert_eq!(bytes.len(), 318 + 70_000);
+        assert_eq!(out.len, bytes.len());
+    }
+
+    #[test]
+    fn a_large_payload_is_queued_by_reference_not_copied() {
+        let payload = Bytes::from(vec![1u8; 64 * 1024]);
+        let mut out = Outbox::default();
+        out.push_frame(0x2, payload.clone());
+        assert!(
+            out.chunks.iter().any(|c| c.as_ptr() == payload.as_ptr()),
+            "the queued chunk must be the shared payload itself"
+        );
+        assert!(out.tail.capacity() < 1024, "only the header is copied");
+    }
+
+    #[test]
+    fn advancing_keeps_the_order_and_frees_a_large_tail() {
+        let mut out = Outbox::default();
+        out.push_small(&[1; 10]);
+        out.push_shared(Bytes::from(vec![2u8; 5000]));
+        out.push_small(&[3; 8000]);
+        out.advance(12);
+        let bytes = drained(&out);
+        assert_eq!(bytes.len(), 13_010 - 12);
+        assert!(bytes[..4998].iter().all(|&b| b == 2));
+        assert!(bytes[4998..].iter().all(|&b| b == 3));
+        out.advance(out.len);
+        assert_eq!(out.len, 0);
+        assert!(!out.tail.try_reclaim(KEEP + 1), "the 8 KB buffer is freed");
     }
 }

@@ -2,7 +2,7 @@
 //! checked over real loopback sockets: close codes for bad input (1009, 1007,
 //! 1002), close reasons, `close`, `terminate`, `flush`, request info, session
 //! ids, pings, raw mode, JSON, `Outgoing` handles, what the handler's return
-//! value means, and `Session::attach` for connections upgraded elsewhere.
+//! value means, and `Session::from_upgraded` for connections upgraded elsewhere.
 //!
 //! Well-behaved clients are real tokio-tungstenite clients. Frames no real
 //! client would send (unmasked, RSV bits, invalid UTF-8, hand-made fragments)
@@ -1133,17 +1133,16 @@ async fn handler_error_closes_with_1011_and_normal_return_with_1000() {
 }
 
 // ---------------------------------------------------------------------------
-// Embedding: Session::attach over a connection upgraded elsewhere
+// Embedding: Session::from_upgraded over a connection upgraded elsewhere
 // ---------------------------------------------------------------------------
 
 #[tokio::test]
-async fn attach_over_an_in_memory_duplex_joins_a_hub() {
+async fn from_upgraded_over_an_in_memory_duplex_joins_a_hub() {
     let hub = Hub::new();
     let (server_io, client_io) = tokio::io::duplex(64 * 1024);
-    let server_ws = WebSocketStream::from_raw_socket(server_io, Role::Server, None).await;
     let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
 
-    let mut session = Session::attach(server_ws, Request::unknown(), &Config::default());
+    let mut session = Session::from_upgraded(server_io, Request::unknown(), &Config::default()).await;
     let subscription = hub.subscribe();
     let mut watcher = hub.subscribe();
     let joined = tokio::spawn(async move { session.join(subscription).await });
@@ -1176,26 +1175,60 @@ async fn attach_over_an_in_memory_duplex_joins_a_hub() {
     assert_eq!(reason, close_reason(4003, "done"));
 }
 
+/// The embedding path the README shows: a plain hyper server answers the
+/// upgrade itself and hands the upgraded connection to wshub.
 #[tokio::test]
-async fn attach_over_accept_async_joins_a_hub() {
+async fn from_upgraded_behind_a_hyper_server_joins_a_hub() {
+    use http_body_util::Empty;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use wshub::tungstenite::handshake::derive_accept_key;
+
     let hub = Hub::new();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let (tx, mut reports) = unbounded_channel();
     let serve_one = {
         let hub = hub.clone();
         async move {
-            let (tcp, peer) = listener.accept().await?;
-            let ws = tokio_tungstenite::accept_async(tcp).await?;
-            let request = Request::new(http::Request::new(()), Some(peer));
-            let mut session = Session::attach(ws, request, &Config::default());
-            // Subscribe before the greeting, so nothing published after it is missed.
-            let subscription = hub.subscribe();
-            let peer = session.request().peer_addr().expect("the peer address");
-            session.send(format!("welcome, {peer}")).await?;
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(session.join(subscription).await)
+            let (tcp, peer) = listener.accept().await.expect("accept");
+            let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                let (hub, tx) = (hub.clone(), tx.clone());
+                async move {
+                    let key = req.headers()["sec-websocket-key"].clone();
+                    let on_upgrade = hyper::upgrade::on(&mut req);
+                    let request = Request::new(req, Some(peer));
+                    tokio::spawn(async move {
+                        let upgraded = on_upgrade.await.expect("the upgrade");
+                        let io = TokioIo::new(upgraded);
+                        let mut session =
+                            Session::from_upgraded(io, request, &Config::default()).await;
+                        // Subscribe before the greeting, so nothing published after it is missed.
+                        let subscription = hub.subscribe();
+                        let peer = session.request().peer_addr().expect("the peer address");
+                        let _ = session.send(format!("welcome, {peer}")).await;
+                        let _ = tx.send(session.join(subscription).await);
+                    });
+                    let response = http::Response::builder()
+                        .status(http::StatusCode::SWITCHING_PROTOCOLS)
+                        .header(http::header::CONNECTION, "upgrade")
+                        .header(http::header::UPGRADE, "websocket")
+                        .header(
+                            http::header::SEC_WEBSOCKET_ACCEPT,
+                            derive_accept_key(key.as_bytes()),
+                        )
+                        .body(Empty::<wshub::Bytes>::new())
+                        .expect("a response");
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades()
+                .await;
         }
     };
-    let serve_one = tokio::spawn(serve_one);
+    tokio::spawn(serve_one);
 
     let (mut client, _) = within(
         "the upgrade",
@@ -1219,19 +1252,15 @@ async fn attach_over_accept_async_joins_a_hub() {
 
     client.close(None).await.unwrap();
     while let Some(Ok(_)) = within("the end of the connection", client.next()).await {}
-    let reason = within("join() to return", serve_one)
-        .await
-        .unwrap()
-        .expect("the embedded server failed");
+    let reason = report(&mut reports, "join() to return").await;
     assert_eq!(reason.code, CloseCode::Status);
 }
 
 #[tokio::test]
-async fn dropping_an_attached_session_writes_what_is_queued_then_closes_with_1000() {
+async fn dropping_an_embedded_session_writes_what_is_queued_then_closes_with_1000() {
     let (server_io, client_io) = tokio::io::duplex(64 * 1024);
-    let server_ws = WebSocketStream::from_raw_socket(server_io, Role::Server, None).await;
     let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
-    let session = Session::attach(server_ws, Request::unknown(), &Config::default());
+    let session = Session::from_upgraded(server_io, Request::unknown(), &Config::default()).await;
     session.send("goodbye").await.unwrap();
     drop(session);
 

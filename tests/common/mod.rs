@@ -76,3 +76,55 @@ pub fn sharedflow(hub: Hub) -> Server {
         }
     })
 }
+
+/// Opens a TCP connection to `addr` (with a receive buffer of `rcvbuf`
+/// bytes when given, so that a client that stops reading is soon stuck) and
+/// performs the WebSocket upgrade on `path` by hand. Returns the stream right
+/// after the 101 response's head: nothing of the WebSocket stream is read.
+pub async fn upgrade_raw(
+    addr: std::net::SocketAddr,
+    path: &str,
+    rcvbuf: Option<u32>,
+) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
+    if let Some(size) = rcvbuf {
+        socket
+            .set_recv_buffer_size(size)
+            .expect("set the receive buffer size");
+    }
+    let mut tcp = within("a TCP connection", socket.connect(addr))
+        .await
+        .expect("connect to the test server");
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n"
+    );
+    within("the upgrade request", tcp.write_all(request.as_bytes()))
+        .await
+        .expect("write the upgrade request");
+    let mut head = Vec::new();
+    within("the upgrade response", async {
+        while !head.ends_with(b"\r\n\r\n") {
+            let byte = tcp.read_u8().await.expect("the upgrade response");
+            head.push(byte);
+        }
+    })
+    .await;
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "expected 101 Switching Protocols, got:\n{}",
+        String::from_utf8_lossy(&head)
+    );
+    tcp
+}
+
+/// This process's resident set, in KiB (Linux).
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .expect("read /proc/self/status")
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .expect("a VmRSS line in /proc/self/status")
+}
