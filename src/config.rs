@@ -339,6 +339,30 @@ pub struct HubConfig {
     pub capacity: usize,
     /// What happens when the buffer is full. Default: [`Policy::Suspend`].
     pub policy: Policy,
+    /// Under [`Policy::Suspend`], how long one subscriber may keep the
+    /// buffer full (a whole `capacity` of messages it has not taken, so every
+    /// publisher waits for it) while other subscribers keep up, before its
+    /// session is closed with 1013 "too slow for the hub" and publishing
+    /// goes on.
+    ///
+    /// Default: 5 s. This is what bounds the wait a slow client imposes on
+    /// everyone under `Suspend`, whether it reads nothing or reads steadily
+    /// but slower than the hub publishes: no publisher waits on one
+    /// subscriber much longer than this (the session checks at least every
+    /// quarter of it). Longer values spare clients that fall behind for a
+    /// while and then catch up; shorter ones keep the hub's latency low.
+    ///
+    /// The clock starts when the subscriber's backlog is (within a
+    /// sixteenth) the whole `capacity`, and stops only after a quiet spell
+    /// of half this timeout in which it never was: a client reading at half
+    /// the publish rate fills the buffer again and again, one that keeps up
+    /// does not. When every subscriber keeps the buffer full, the
+    /// publishers are faster than anyone can read (a burst, an overloaded
+    /// machine, a client publishing as fast as it can): then they wait, as
+    /// `Suspend` promises, and nobody is closed; a
+    /// [`RateLimit`](crate::RateLimit) on publishing is the bound there. The
+    /// other policies never wait, so this does not apply to them.
+    pub stall_timeout: Duration,
     /// Under [`Policy::DropOldest`], the message a session sends its client
     /// after it skipped messages, built from the number skipped. Default: none
     /// (the gap is only counted).
@@ -350,6 +374,7 @@ impl Default for HubConfig {
         Self {
             capacity: 1024,
             policy: Policy::Suspend,
+            stall_timeout: Duration::from_secs(5),
             lag_notice: None,
         }
     }
@@ -360,6 +385,7 @@ impl fmt::Debug for HubConfig {
         f.debug_struct("HubConfig")
             .field("capacity", &self.capacity)
             .field("policy", &self.policy)
+            .field("stall_timeout", &self.stall_timeout)
             .field(
                 "lag_notice",
                 &self.lag_notice.as_ref().map(|_| "Fn(u64) -> Message"),
@@ -387,6 +413,19 @@ impl HubConfig {
     #[must_use]
     pub fn policy(mut self, policy: Policy) -> Self {
         self.policy = policy;
+        self
+    }
+
+    /// Sets [`stall_timeout`](Self::stall_timeout).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let config = wshub::HubConfig::default().stall_timeout(Duration::from_secs(2));
+    /// assert_eq!(config.stall_timeout, Duration::from_secs(2));
+    /// ```
+    #[must_use]
+    pub fn stall_timeout(mut self, timeout: Duration) -> Self {
+        self.stall_timeout = timeout;
         self
     }
 

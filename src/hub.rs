@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use async_broadcast::{InactiveReceiver, Receiver, Sender, TryRecvError as BTryRecvError};
 use serde::Serialize;
@@ -61,6 +61,8 @@ struct Counters {
     unread: AtomicU64,
     disconnected: AtomicU64,
     rate_limited: AtomicU64,
+    /// Subscribers that keep the buffer full now (Suspend).
+    stalled: AtomicUsize,
 }
 
 /// What a successful publish did with the message.
@@ -157,6 +159,9 @@ pub struct HubStats {
     /// Messages clients sent over their [`RateLimit`](crate::RateLimit),
     /// which were therefore not published.
     pub rate_limited: u64,
+    /// Sessions that keep the buffer full now, under [`Policy::Suspend`]
+    /// (see [`HubConfig::stall_timeout`]).
+    pub stalled: usize,
 }
 
 impl Default for Hub {
@@ -256,8 +261,10 @@ impl Hub {
     /// Subscribe *before* you send a greeting or anything else the client may
     /// react to, so that nothing published in between is missed.
     pub fn subscribe(&self) -> Subscription {
+        let rx = self.shared.idle.activate_cloned();
         Subscription {
-            rx: self.shared.idle.activate_cloned(),
+            rx,
+            first: self.shared.counters.published.load(Relaxed),
             hub: self.clone(),
             lagged: 0,
             delivered: 0,
@@ -312,6 +319,7 @@ impl Hub {
             unread: c.unread.load(Relaxed),
             disconnected: c.disconnected.load(Relaxed),
             rate_limited: c.rate_limited.load(Relaxed),
+            stalled: c.stalled.load(Relaxed),
         }
     }
 
@@ -322,6 +330,23 @@ impl Hub {
 
     pub(crate) fn record_rate_limited(&self) {
         self.shared.counters.rate_limited.fetch_add(1, Relaxed);
+    }
+
+    /// A subscriber began keeping the buffer full (under Suspend).
+    pub(crate) fn stall_started(&self) {
+        self.shared.counters.stalled.fetch_add(1, Relaxed);
+    }
+
+    /// A subscriber that kept the buffer full caught up or left.
+    pub(crate) fn stall_ended(&self) {
+        self.shared.counters.stalled.fetch_sub(1, Relaxed);
+    }
+
+    /// Whether some subscriber keeps up while others keep the buffer full:
+    /// then the full ones are slower than the rest, rather than the
+    /// publishers faster than anyone.
+    pub(crate) fn someone_keeps_up(&self) -> bool {
+        self.shared.counters.stalled.load(Relaxed) < self.subscriber_count()
     }
 
     pub(crate) fn record_disconnect(&self) {
@@ -396,6 +421,8 @@ impl fmt::Debug for Hub {
 /// publisher back once the buffer fills: read it, or drop it.
 pub struct Subscription {
     rx: Receiver<Message>,
+    /// The hub's `published` count when this subscription began.
+    first: u64,
     hub: Hub,
     lagged: u64,
     delivered: u64,
@@ -475,6 +502,15 @@ impl Subscription {
     /// least this often (and when it is dropped, or after each batch a
     /// session writes).
     pub const COUNT_EVERY: u32 = 64;
+
+    /// About how many messages are waiting for this subscriber: those
+    /// published since it subscribed that it has neither received nor
+    /// skipped. Publishes still under way when it subscribed or now may
+    /// make it off by a few; without evictions it is otherwise exact.
+    pub(crate) fn backlog(&self) -> u64 {
+        let published = self.hub.shared.counters.published.load(Relaxed);
+        published.saturating_sub(self.first + self.delivered + self.lagged)
+    }
 
     /// Adds the deliveries not yet counted to the hub's count.
     pub(crate) fn count_delivered(&mut self) {

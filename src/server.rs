@@ -223,6 +223,25 @@ impl fmt::Debug for Server {
     }
 }
 
+/// How many bytes the kernel may hold unsent for one connection: the
+/// socket reports itself writable only below this (`TCP_NOTSENT_LOWAT`,
+/// Linux). Without it a client's kernel buffers grow to megabytes, and once
+/// they are full the socket takes nothing until a third of them has drained,
+/// which for a client reading slowly can be many seconds: long enough for
+/// [`Config::send_timeout`] to mistake a slow reader for a stuck one. With
+/// it, the socket takes more bytes whenever the client has read some.
+pub(crate) const NOTSENT_LOWAT: u32 = 16 << 10;
+
+/// Socket options for an accepted connection: no Nagle delay (frames are
+/// already gathered into one write), and [`NOTSENT_LOWAT`].
+fn tune(tcp: &tokio::net::TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let _ = socket2::SockRef::from(tcp).set_tcp_notsent_lowat(NOTSENT_LOWAT);
+    }
+}
+
 impl Server {
     /// A server with no routes and [`Config::default`].
     pub fn new() -> Server {
@@ -496,7 +515,7 @@ impl Server {
                 _ = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
-                        let _ = tcp.set_nodelay(true);
+                        tune(&tcp);
                         match handshakes.clone().try_acquire_owned() {
                             Ok(permit) => {
                                 tasks.spawn(connection(

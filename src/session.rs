@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use futures_util::task::AtomicWaker;
-use futures_util::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::VecDeque;
@@ -1165,6 +1165,20 @@ struct Forwarding {
     sub: Subscription,
     policy: Policy,
     lag_notice: Option<LagNotice>,
+    /// Under [`Policy::Suspend`], the watch on this subscriber holding the
+    /// hub's buffer full.
+    stall: Option<Stall>,
+}
+
+/// How long a subscriber has kept a `Suspend` hub's buffer full.
+struct Stall {
+    timeout: Duration,
+    capacity: u64,
+    /// The first of a run of samples that found the buffer full because of
+    /// this subscriber, with no quiet spell since.
+    full_since: Option<Instant>,
+    /// The last sample that found it full.
+    last_full: Instant,
 }
 
 impl Forwarding {
@@ -1173,7 +1187,65 @@ impl Forwarding {
         Forwarding {
             policy: config.policy,
             lag_notice: config.lag_notice.clone(),
+            stall: (config.policy == Policy::Suspend).then(|| Stall {
+                timeout: config.stall_timeout,
+                capacity: config.capacity as u64,
+                full_since: None,
+                last_full: Instant::now(),
+            }),
             sub,
+        }
+    }
+
+    /// Whether this subscriber has kept the buffer full (every publisher
+    /// waiting on it) for the hub's `stall_timeout` while other subscribers
+    /// kept up.
+    ///
+    /// A slow reader's backlog does not sit at the capacity: the kernel
+    /// takes its bytes in bursts as the client frees its receive window, so
+    /// the send task drains a burst of messages at once and the backlog
+    /// swings between full and far from it. So the clock starts at a sample
+    /// that finds the backlog full (within a sixteenth of the capacity:
+    /// publishers refill each slot it frees, so a sample rarely sees it quite
+    /// full) and runs on through later full samples; it stops only after a
+    /// quiet spell of half the timeout with no full sample, which a client
+    /// that keeps up has and one that is slower than the hub never does.
+    /// When every subscriber is full, the publishers are faster than anyone
+    /// reads (a burst, an overloaded machine): they wait, and nobody is
+    /// blamed.
+    fn stalled(&mut self) -> bool {
+        let Some(stall) = self.stall.as_mut() else {
+            return false;
+        };
+        let full = self.sub.backlog() >= stall.capacity - stall.capacity / 16;
+        if !full && stall.full_since.is_none() {
+            return false;
+        }
+        let now = Instant::now();
+        if full {
+            stall.last_full = now;
+        } else if now.duration_since(stall.last_full) > stall.timeout / 2 {
+            stall.full_since = None;
+            self.sub.hub().stall_ended();
+            return false;
+        }
+        let since = *stall.full_since.get_or_insert_with(|| {
+            self.sub.hub().stall_started();
+            now
+        });
+        now.duration_since(since) >= stall.timeout && self.sub.hub().someone_keeps_up()
+    }
+
+    /// How often a write that waits must look at [`stalled`](Self::stalled).
+    fn stall_check(&self) -> Option<Duration> {
+        self.stall.as_ref().map(|stall| stall.timeout / 4)
+    }
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        if self.stall.as_ref().is_some_and(|s| s.full_since.is_some()) {
+            self.sub.hub().stall_ended();
         }
     }
 }
@@ -1287,6 +1359,12 @@ impl SendTask {
         mut command: Option<Command>,
         mut forwarded: Option<Result<Message, RecvError>>,
     ) -> Result<(), Stop> {
+        // Under Suspend, a batch that starts with a hub message looks at how
+        // far behind this subscriber is: now, after the flush that ended the
+        // last batch, the publishers have refilled what it took.
+        if forwarded.is_some() && self.sub.as_mut().is_some_and(Forwarding::stalled) {
+            return Err(self.stalled());
+        }
         let mut written = 0;
         let mut flush_waiters = Vec::new();
         let mut cut = false;
@@ -1417,10 +1495,11 @@ impl SendTask {
                 sink.poll_ready(cx)
             }
         });
-        match until_stuck(self.send_timeout, sink.meter(), room).await {
-            Some(Ok(())) => {}
-            Some(Err(err)) => return Err(self.broken(err)),
-            None => return Err(self.stuck()),
+        match until_stuck(self.send_timeout, sink.meter(), &mut self.sub, room).await {
+            Waited::Done(Ok(())) => {}
+            Waited::Done(Err(err)) => return Err(self.broken(err)),
+            Waited::Stuck => return Err(self.stuck()),
+            Waited::Stalled => return Err(self.stalled()),
         }
         self.sink.start_send(msg).map_err(|err| self.broken(err))
     }
@@ -1429,11 +1508,13 @@ impl SendTask {
     async fn flush(&mut self) -> Result<(), Stop> {
         let sink = &self.sink;
         let flushed = poll_fn(|cx| sink.poll_flush(cx));
-        match until_stuck(self.send_timeout, sink.meter(), flushed).await {
-            Some(Ok(())) => Ok(()),
-            Some(Err(err)) => Err(self.broken(err)),
-            None => Err(self.stuck()),
+        match until_stuck(self.send_timeout, sink.meter(), &mut self.sub, flushed).await {
+            Waited::Done(Ok(())) => {}
+            Waited::Done(Err(err)) => return Err(self.broken(err)),
+            Waited::Stuck => return Err(self.stuck()),
+            Waited::Stalled => return Err(self.stalled()),
         }
+        Ok(())
     }
 
     fn broken(&self, err: WsError) -> Stop {
@@ -1442,6 +1523,29 @@ impl SendTask {
             WsError::ConnectionClosed | WsError::AlreadyClosed => Stop::Kill,
             err => Stop::Broken(abnormal(&err.to_string())),
         }
+    }
+
+    /// The client kept a `Suspend` hub's buffer full for its stall timeout:
+    /// free its place, so the publishers waiting on it go on.
+    fn stalled(&mut self) -> Stop {
+        let timeout = self
+            .sub
+            .as_ref()
+            .and_then(|fwd| fwd.stall.as_ref())
+            .map(|s| s.timeout);
+        tracing::debug!(
+            session = self.shared.id,
+            ?timeout,
+            "kept the hub full; closing slow client"
+        );
+        if let Some(fwd) = self.sub.take() {
+            fwd.sub.hub().record_disconnect();
+        }
+        Stop::Close(CloseRequest {
+            reason: close_reason(CloseCode::Again, "too slow for the hub"),
+            handshake: false,
+            drain_hub: false,
+        })
     }
 
     /// The client accepted nothing for `send_timeout`: free its place in the hub.
@@ -1531,28 +1635,49 @@ impl SendTask {
     }
 }
 
-/// Runs `write` until it finishes, or until `patience` passes without the
-/// socket accepting a byte (`None`).
+/// How a write that had to wait ended.
+enum Waited<T> {
+    Done(T),
+    /// The socket accepted no byte for `send_timeout`.
+    Stuck,
+    /// Meanwhile the subscriber kept its `Suspend` hub full for too long.
+    Stalled,
+}
+
+/// Runs `write` until it finishes, until `patience` passes without the
+/// socket accepting a byte, or until the subscription (if any) has kept
+/// its `Suspend` hub full for the hub's stall timeout.
 async fn until_stuck<F: std::future::Future>(
     patience: Duration,
     meter: &Meter,
+    sub: &mut Option<Forwarding>,
     write: F,
-) -> Option<F::Output> {
+) -> Waited<F::Output> {
     tokio::pin!(write);
     // Most writes finish at once: they need no timer.
     if let Poll::Ready(output) = poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
-        return Some(output);
+        return Waited::Done(output);
     }
+    let tick = match sub.as_ref().and_then(Forwarding::stall_check) {
+        Some(check) => patience.min(check),
+        None => patience,
+    };
     let mut seen = meter.written();
+    let mut progress = Instant::now();
     loop {
-        match timeout(patience, &mut write).await {
-            Ok(output) => return Some(output),
+        match timeout(tick, &mut write).await {
+            Ok(output) => return Waited::Done(output),
             Err(_) => {
                 let now = meter.written();
-                if now == seen {
-                    return None;
+                if now != seen {
+                    seen = now;
+                    progress = Instant::now();
+                } else if progress.elapsed() >= patience {
+                    return Waited::Stuck;
                 }
-                seen = now;
+                if sub.as_mut().is_some_and(Forwarding::stalled) {
+                    return Waited::Stalled;
+                }
             }
         }
     }

@@ -87,15 +87,19 @@ async fn ping_flood(reads: Reads) {
         }
     });
     let mut peak = before;
-    let reason = within_for(Duration::from_secs(10), "the flooder's session to end", async {
-        loop {
-            peak = peak.max(rss_kib());
-            tokio::select! {
-                reason = reasons.recv() => break reason.expect("the server stopped"),
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+    let reason = within_for(
+        Duration::from_secs(10),
+        "the flooder's session to end",
+        async {
+            loop {
+                peak = peak.max(rss_kib());
+                tokio::select! {
+                    reason = reasons.recv() => break reason.expect("the server stopped"),
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
             }
-        }
-    })
+        },
+    )
     .await;
     let sent = within_for(Duration::from_secs(10), "the flooder to stop", flood)
         .await
@@ -134,7 +138,12 @@ async fn stalled_clients(addr: SocketAddr, hub: &Hub, count: usize) -> Vec<TcpSt
             clients.push(client.await.expect("a client task"));
         }
     }
-    wait_for("every client to join", || hub.subscriber_count(), |&n| n == count).await;
+    wait_for(
+        "every client to join",
+        || hub.subscriber_count(),
+        |&n| n == count,
+    )
+    .await;
     clients
 }
 
@@ -155,7 +164,12 @@ async fn a_large_broadcast_to_stalled_clients_is_shared_not_copied() {
     let clients = stalled_clients(server.addr(), &hub, CLIENTS).await;
     // A small broadcast first, so each connection's buffers are in use.
     assert_eq!(hub.publish("warm-up").await, Ok(Published::Queued));
-    wait_for("the warm-up to be taken", || hub.stats().buffered, |&n| n == 0).await;
+    wait_for(
+        "the warm-up to be taken",
+        || hub.stats().buffered,
+        |&n| n == 0,
+    )
+    .await;
     let before = rss_kib();
 
     let started = Instant::now();

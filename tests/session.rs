@@ -1142,7 +1142,8 @@ async fn from_upgraded_over_an_in_memory_duplex_joins_a_hub() {
     let (server_io, client_io) = tokio::io::duplex(64 * 1024);
     let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
 
-    let mut session = Session::from_upgraded(server_io, Request::unknown(), &Config::default()).await;
+    let mut session =
+        Session::from_upgraded(server_io, Request::unknown(), &Config::default()).await;
     let subscription = hub.subscribe();
     let mut watcher = hub.subscribe();
     let joined = tokio::spawn(async move { session.join(subscription).await });

@@ -871,3 +871,180 @@ async fn the_counters_add_up_under_every_policy() {
         }
     }
 }
+
+/// The tests that publish on a real-time schedule take turns: each needs
+/// the machine's two cores to keep its schedule.
+static SCHEDULED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A client that reads at `bytes_per_tick` every 10 ms (a steady, slow
+/// reader) through a socket with the given receive buffer; returns the
+/// number of bytes it read once its connection ends or `stop` fires.
+async fn steady_reader(
+    addr: SocketAddr,
+    rcvbuf: Option<u32>,
+    bytes_per_tick: usize,
+    mut stop: oneshot::Receiver<()>,
+) -> JoinHandle<u64> {
+    let mut tcp = common::upgrade_raw(addr, PATH, rcvbuf).await;
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; bytes_per_tick];
+        let mut read = 0u64;
+        let mut ticks = tokio::time::interval(Duration::from_millis(10));
+        loop {
+            tokio::select! {
+                _ = &mut stop => return read,
+                _ = ticks.tick() => {}
+            }
+            match tcp.read(&mut buf).await {
+                Ok(n) if n > 0 => read += n as u64,
+                _ => return read,
+            }
+        }
+    })
+}
+
+/// A fast client that records, for every message, how late it arrived
+/// against its place in the publisher's schedule (`start` + `i` × `every`).
+async fn timed_client(
+    server: &TestServer,
+    sessions: &mut Sessions,
+    start: Instant,
+    every: Duration,
+) -> JoinHandle<(u64, Duration)> {
+    let mut client = server.connect(PATH).await;
+    sessions.joined().await;
+    tokio::spawn(async move {
+        let (mut count, mut worst) = (0u64, Duration::ZERO);
+        while let Some(Ok(msg)) = client.inner().next().await {
+            if let Message::Binary(b) = msg {
+                let i = u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
+                let due = start + every * u32::try_from(i).expect("a small index");
+                worst = worst.max(Instant::now().saturating_duration_since(due));
+                count += 1;
+            }
+        }
+        (count, worst)
+    })
+}
+
+/// Publishes `count` messages of `size` bytes on a fixed schedule (one
+/// every `every`, from `start`); a publish the hub holds back makes the ones
+/// after it late instead of being skipped. Returns how far behind the
+/// schedule the publisher fell at worst.
+async fn publish_on_schedule(
+    hub: &Hub,
+    start: Instant,
+    every: Duration,
+    count: u64,
+    size: usize,
+) -> Duration {
+    let mut behind = Duration::ZERO;
+    for i in 0..count {
+        let due = start + every * u32::try_from(i).expect("a small index");
+        tokio::time::sleep_until(due.into()).await;
+        behind = behind.max(Instant::now().saturating_duration_since(due));
+        let mut payload = vec![0u8; size];
+        payload[..8].copy_from_slice(&i.to_be_bytes());
+        let outcome = within("a publish", hub.publish(Message::binary(payload))).await;
+        assert_eq!(outcome, Ok(Published::Queued));
+    }
+    behind
+}
+
+/// Suspend: a client that keeps reading, but at half the publish rate,
+/// holds the buffer full; after `stall_timeout` it is closed with 1013 "too
+/// slow for the hub", so the fast clients' worst latency stays within the
+/// stall timeout plus 2 s. (Closing only a client whose socket takes nothing
+/// for `send_timeout` never caught this one: everyone went at its pace.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspend_closes_a_client_that_reads_at_half_the_rate_after_the_stall_timeout() {
+    let _turn = SCHEDULED.lock().await;
+    const EVERY: Duration = Duration::from_millis(2); // 500 messages a second
+    const COUNT: u64 = 3_000;
+    let stall = Duration::from_secs(2);
+    let hub = Hub::with_config(
+        HubConfig::default()
+            .capacity(256)
+            .policy(Policy::Suspend)
+            .stall_timeout(stall),
+    )
+    .expect("hub config");
+    let (server, mut sessions) = hub_server(&hub, config(Duration::from_secs(5)));
+    let server = TestServer::start(server).await;
+    let start = Instant::now() + Duration::from_millis(500);
+    let fast = [
+        timed_client(&server, &mut sessions, start, EVERY).await,
+        timed_client(&server, &mut sessions, start, EVERY).await,
+    ];
+    // Half of 500 × 520 bytes a second: 1,300 bytes every 10 ms.
+    let (stop_slow, stop) = oneshot::channel();
+    let slow = steady_reader(server.addr(), Some(64 * 1024), 1_300, stop).await;
+    let slow_id = sessions.joined().await.session_id();
+
+    let behind = publish_on_schedule(&hub, start, EVERY, COUNT, 512).await;
+    let (id, reason) = sessions.closed().await;
+    assert_eq!(id, slow_id, "only the slow client is closed");
+    assert_eq!(u16::from(reason.code), 1013, "{reason:?}");
+    assert_eq!(reason.reason.as_str(), "too slow for the hub");
+    let _ = stop_slow.send(());
+    let _ = slow.await;
+    server.shutdown().await;
+    let bound = stall + Duration::from_secs(2);
+    for client in fast {
+        let (count, worst) = within("a fast client to finish", client).await.unwrap();
+        assert_eq!(count, COUNT, "a fast client lost messages");
+        assert!(
+            worst <= bound,
+            "a fast client's worst latency was {worst:?}, over {bound:?}"
+        );
+    }
+    assert!(behind <= bound, "the publisher fell {behind:?} behind");
+    assert_eq!(hub.stats().disconnected, 1);
+}
+
+/// DropOldest: a client that reads steadily at a tenth of the publish rate,
+/// with the kernel's default buffers, lags (and that is counted) but is
+/// never closed for being slow: its socket keeps taking bytes as it reads.
+/// (Before wshub capped what the kernel holds unsent, the socket, once its
+/// megabytes of buffer were full, took nothing until a third of them had
+/// drained: seconds at this pace, and the client was closed as stuck.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_oldest_never_closes_a_client_that_keeps_reading_slowly() {
+    let _turn = SCHEDULED.lock().await;
+    const EVERY: Duration = Duration::from_millis(1);
+    const COUNT: u64 = 6_000;
+    const SIZE: usize = 4096;
+    let send_timeout = Duration::from_secs(2);
+    let hub = hub_with(Policy::DropOldest, 256);
+    let (server, mut sessions) = hub_server(&hub, config(send_timeout));
+    let server = TestServer::start(server).await;
+    let start = Instant::now() + Duration::from_millis(500);
+    let fast = timed_client(&server, &mut sessions, start, EVERY).await;
+    // A tenth of 1,000 × 4 KiB a second: 4,100 bytes every 10 ms.
+    let (stop_slow, stop) = oneshot::channel();
+    let slow = steady_reader(server.addr(), None, 4_100, stop).await;
+    sessions.joined().await;
+
+    publish_on_schedule(&hub, start, EVERY, COUNT, SIZE).await;
+    if let Ok(closed) = sessions.closed.try_recv() {
+        panic!("a client that kept reading was closed: {closed:?}");
+    }
+    assert_eq!(hub.subscriber_count(), 2);
+    let stats = hub.stats();
+    assert!(
+        stats.lagged > 0,
+        "the slow client lagged, and that is counted: {stats:?}"
+    );
+    assert_eq!(stats.disconnected, 0, "{stats:?}");
+    let _ = stop_slow.send(());
+    let read = within("the slow reader to stop", slow).await.unwrap();
+    assert!(read > 0);
+    server.shutdown().await;
+    let (count, _) = within("the fast client to finish", fast).await.unwrap();
+    assert_eq!(count, COUNT, "the fast client lost messages");
+}
+
+/// A hub with this policy and capacity.
+fn hub_with(policy: Policy, capacity: usize) -> Hub {
+    Hub::with_config(HubConfig::default().capacity(capacity).policy(policy)).expect("hub config")
+}

@@ -125,6 +125,13 @@ pub fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .expect("read /proc/self/status")
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .find_map(|line| {
+            line.strip_prefix("VmRSS:")?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
         .expect("a VmRSS line in /proc/self/status")
 }
