@@ -24,9 +24,10 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
@@ -129,6 +130,10 @@ impl Rejection {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        // A refused connection serves no second request (see `open`).
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
         response
     }
 }
@@ -293,10 +298,15 @@ impl Server {
     /// taken as 1).
     ///
     /// A connection accepted beyond it gets `503 Service Unavailable`
-    /// straight away and is closed, without its request being read. Together
-    /// with [`Config::handshake_timeout`] this bounds what clients that open
-    /// connections and send nothing (slowloris) can hold; open sessions are
-    /// not affected.
+    /// straight away and is closed, without its request being read. A
+    /// connection holds its place from accept until its upgrade is handed to
+    /// the session, or until it is refused, and never longer than
+    /// [`Config::handshake_timeout`], which is one deadline for the whole
+    /// HTTP phase (the TLS handshake included): a client cannot renew it by
+    /// sending request after request, since a refused request ends its
+    /// connection. Together they bound what clients that open connections
+    /// and send nothing or little (slowloris) can hold; open sessions are not
+    /// affected.
     ///
     /// Default: 1,024.
     #[must_use]
@@ -432,12 +442,13 @@ impl Server {
     /// Serves `wss://` connections from `listener` until `shutdown`
     /// completes, as [`serve`](Self::serve) does `ws://` (the `tls` feature).
     ///
-    /// Each connection's TLS handshake runs in its own task, counts among
-    /// [`max_handshakes`](Self::max_handshakes) and must finish within
-    /// [`Config::handshake_timeout`]; the HTTP request then gets the same
-    /// time again. A client that fails the TLS handshake is dropped (logged at
-    /// debug level), and a connection past `max_handshakes` is closed without
-    /// an answer, since a plain-text 503 means nothing inside TLS.
+    /// Each connection's TLS handshake runs in its own task and counts among
+    /// [`max_handshakes`](Self::max_handshakes). [`Config::handshake_timeout`]
+    /// covers the TLS handshake and the HTTP request together, from accept to
+    /// the upgrade: it is one deadline, not one for each. A client that fails
+    /// the TLS handshake is dropped (logged at debug level), and a connection
+    /// past `max_handshakes` is closed without an answer, since a plain-text
+    /// 503 means nothing inside TLS.
     ///
     /// Build the acceptor from a rustls `ServerConfig`; wshub re-exports
     /// [`tokio_rustls`](crate::tokio_rustls) so the versions match:
@@ -506,6 +517,7 @@ impl Server {
                                     stop.clone(),
                                     permit,
                                     encryption.clone(),
+                                    Instant::now(),
                                 ));
                             }
                             Err(_) => {
@@ -700,6 +712,7 @@ where
         CancellationToken::new(),
         permit,
         Encryption::None,
+        Instant::now(),
     )
     .await;
 }
@@ -712,8 +725,17 @@ enum Encryption {
     Tls(tokio_rustls::TlsAcceptor),
 }
 
+/// What the HTTP phase hands to the session phase: the session, its send
+/// task, its route's handler and its place among `max_connections`.
+type Opened = (Session, JoinHandle<()>, Handler, Slot);
+
 /// One TCP connection: TLS if configured, HTTP until an upgrade, then the
 /// WebSocket session.
+///
+/// The whole HTTP phase (TLS handshake included) has one deadline,
+/// [`Config::handshake_timeout`] from `accepted`: neither a slow TLS
+/// handshake followed by a slow request nor a client that keeps sending
+/// requests can hold its handshake place for longer.
 async fn connection<IO>(
     io: IO,
     peer: SocketAddr,
@@ -721,32 +743,21 @@ async fn connection<IO>(
     stop: CancellationToken,
     handshake: OwnedSemaphorePermit,
     encryption: Encryption,
+    accepted: Instant,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let deadline = accepted + app.config.handshake_timeout;
     // The handshake's state is large and short-lived: boxed, it is freed at
     // the upgrade, and the task that lives as long as the session stays small.
-    let opened = match encryption {
-        Encryption::None => Box::pin(open(io, peer, app, &stop)).await,
-        #[cfg(feature = "tls")]
-        Encryption::Tls(acceptor) => {
-            let limit = app.config.handshake_timeout;
-            let tls = tokio::select! {
-                tls = tokio::time::timeout(limit, acceptor.accept(io)) => tls,
-                _ = stop.cancelled() => return,
-            };
-            match tls {
-                Ok(Ok(tls)) => Box::pin(open(tls, peer, app, &stop)).await,
-                Ok(Err(err)) => {
-                    tracing::debug!(%peer, error = %err, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            }
+    let phase = Box::pin(http_phase(io, peer, app, encryption));
+    let opened = tokio::select! {
+        opened = phase => opened,
+        () = tokio::time::sleep_until(deadline) => {
+            tracing::debug!(%peer, "handshake timed out");
+            None
         }
+        () = stop.cancelled() => None,
     };
     drop(handshake);
     let Some((session, send_task, handler, _slot)) = opened else {
@@ -777,14 +788,33 @@ async fn connection<IO>(
     tracing::debug!(session = id, reason = ?out.close_reason(), "session closed");
 }
 
-/// Serves the HTTP request on `io` and, once upgraded, starts the session:
-/// returns it with its send task and its route's handler.
-async fn open<IO>(
+/// The HTTP phase of a connection: the TLS handshake if any, then the
+/// request, up to the upgrade. Bounded by the caller.
+async fn http_phase<IO>(
     io: IO,
     peer: SocketAddr,
     app: Arc<Server>,
-    stop: &CancellationToken,
-) -> Option<(Session, JoinHandle<()>, Handler, Slot)>
+    encryption: Encryption,
+) -> Option<Opened>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    match encryption {
+        Encryption::None => open(io, peer, app).await,
+        #[cfg(feature = "tls")]
+        Encryption::Tls(acceptor) => match acceptor.accept(io).await {
+            Ok(tls) => open(tls, peer, app).await,
+            Err(err) => {
+                tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                None
+            }
+        },
+    }
+}
+
+/// Serves the HTTP request on `io` and, once upgraded, starts the session:
+/// returns it with its send task and its route's handler.
+async fn open<IO>(io: IO, peer: SocketAddr, app: Arc<Server>) -> Option<Opened>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -806,18 +836,22 @@ where
             async move { Ok::<_, Infallible>(response) }
         })
     };
+    // One request per connection: every refusal carries `Connection: close`
+    // (see `Rejection::into_response`), so hyper ends the connection after
+    // it. A WebSocket endpoint has nothing to serve on a connection whose
+    // first request was refused; the client opens a new one to retry, as
+    // browsers do. With keep-alive, a client could hold its handshake place
+    // by sending one bad request after another (hyper restarts its
+    // header-read timeout for each). hyper's own `keep_alive(false)` is not
+    // used because it also adds `close` to the 101's `Connection: upgrade`,
+    // which clients reject. The caller's deadline bounds the whole phase, so
+    // hyper needs no timer of its own.
     let http = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(app.config.handshake_timeout)
+        .header_read_timeout(None)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
-    tokio::select! {
-        result = http => {
-            if let Err(err) = result {
-                tracing::debug!(%peer, error = %err, "HTTP connection failed");
-            }
-        }
-        _ = stop.cancelled() => return None,
+    if let Err(err) = http.await {
+        tracing::debug!(%peer, error = %err, "HTTP connection failed");
     }
     let accepted = upgrade.lock().unwrap_or_else(|p| p.into_inner()).take()?;
     let upgraded = match accepted.on_upgrade.await {
