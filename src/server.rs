@@ -9,9 +9,10 @@ use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -180,6 +181,8 @@ pub struct Server {
     shutdown_timeout: Duration,
     max_connections: Option<usize>,
     max_handshakes: usize,
+    max_handshakes_per_ip: Option<usize>,
+    first_byte_timeout: Duration,
     /// Lower-cased `Origin` values allowed to upgrade; `None` allows any.
     allowed_origins: Option<Arc<[String]>>,
     /// Sessions open or reserved by an accepted upgrade; counted per `serve`.
@@ -206,6 +209,92 @@ Content-Length: 49\r\n\
 \r\n\
 too many handshakes in progress; try again later\n";
 
+/// What a client past [`Server::max_handshakes_per_ip`] gets, as [`BUSY`].
+const BUSY_ADDRESS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+Content-Type: text/plain; charset=utf-8\r\n\
+Retry-After: 1\r\n\
+Connection: close\r\n\
+Content-Length: 67\r\n\
+\r\n\
+too many handshakes in progress from your address; try again later\n";
+
+/// The address group [`Server::max_handshakes_per_ip`] counts a client in:
+/// its IPv4 address (an IPv4-mapped IPv6 address is its IPv4 address), or
+/// the /64 of its IPv6 address, since one host usually holds a whole /64.
+fn address_group(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        },
+    }
+}
+
+/// Connections in their HTTP phase per address group, for one `serve`.
+struct PerIp {
+    max: usize,
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerIp {
+    /// Takes a place for `peer`'s address group, if it has one left.
+    fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<IpPlace> {
+        let group = address_group(peer);
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(group).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(IpPlace {
+            table: self.clone(),
+            group,
+        })
+    }
+}
+
+/// A place among [`Server::max_handshakes_per_ip`], given back on drop.
+struct IpPlace {
+    table: Arc<PerIp>,
+    group: IpAddr,
+}
+
+impl Drop for IpPlace {
+    fn drop(&mut self) {
+        let mut counts = self.table.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.group) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.group);
+            }
+        }
+    }
+}
+
+/// A connection's places among the handshake limits, held for its HTTP phase.
+struct Admission {
+    _handshake: OwnedSemaphorePermit,
+    _address: Option<IpPlace>,
+}
+
+/// Admits a new connection to its HTTP phase, or says which 503 it gets.
+fn admit(
+    handshakes: &Arc<Semaphore>,
+    per_ip: Option<&Arc<PerIp>>,
+    peer: SocketAddr,
+) -> Result<Admission, &'static [u8]> {
+    let handshake = handshakes.clone().try_acquire_owned().map_err(|_| BUSY)?;
+    let address = match per_ip {
+        Some(table) => Some(table.admit(peer.ip()).ok_or(BUSY_ADDRESS)?),
+        None => None,
+    };
+    Ok(Admission {
+        _handshake: handshake,
+        _address: address,
+    })
+}
+
 impl Default for Server {
     fn default() -> Self {
         Self::new()
@@ -223,6 +312,8 @@ impl fmt::Debug for Server {
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("max_connections", &self.max_connections)
             .field("max_handshakes", &self.max_handshakes)
+            .field("max_handshakes_per_ip", &self.max_handshakes_per_ip)
+            .field("first_byte_timeout", &self.first_byte_timeout)
             .field("allowed_origins", &self.allowed_origins)
             .finish()
     }
@@ -238,6 +329,8 @@ impl Server {
             shutdown_timeout: Duration::from_secs(10),
             max_connections: Some(10_000),
             max_handshakes: 1024,
+            max_handshakes_per_ip: Some(64),
+            first_byte_timeout: Duration::from_secs(3),
             allowed_origins: None,
             live: Arc::default(),
         }
@@ -312,6 +405,60 @@ impl Server {
     #[must_use]
     pub fn max_handshakes(mut self, max: usize) -> Server {
         self.max_handshakes = max.max(1);
+        self
+    }
+
+    /// The most connections from one client address still in their HTTP
+    /// handshake at once; `None` for no limit (`Some(0)` is taken as 1).
+    ///
+    /// A connection accepted beyond it gets the same `503 Service
+    /// Unavailable` (`Retry-After: 1`) at once as one beyond
+    /// [`max_handshakes`](Self::max_handshakes), and is closed; its body says
+    /// the limit is per address. Without it one address could take every
+    /// handshake place and lock everyone else out until its connections time
+    /// out. Addresses are counted the way a client holds them: an IPv4
+    /// address on its own (an IPv4-mapped IPv6 address as that IPv4
+    /// address), an IPv6 address together with the rest of its /64, since a
+    /// single host usually has a whole /64 to pick from.
+    ///
+    /// Default: 64. A handshake takes about one round trip, so even many
+    /// users behind one NAT rarely have more than a few in progress at once.
+    /// **Behind a reverse proxy or load balancer every client has the
+    /// proxy's address**: there this limit caps the whole server at 64
+    /// handshakes in progress; set `None` and limit per client in the proxy.
+    ///
+    /// ```
+    /// // Directly on the internet: keep a limit, a tighter one here.
+    /// let server = wshub::Server::new().max_handshakes_per_ip(Some(16));
+    /// // Behind nginx, which connects from 127.0.0.1 for everyone.
+    /// let proxied = wshub::Server::new().max_handshakes_per_ip(None);
+    /// ```
+    #[must_use]
+    pub fn max_handshakes_per_ip(mut self, max: Option<usize>) -> Server {
+        self.max_handshakes_per_ip = max.map(|max| max.max(1));
+        self
+    }
+
+    /// How long a new connection may stay silent: one that has sent no byte
+    /// at all (no request, no TLS hello) this long after it was accepted is
+    /// closed without an answer. Capped by [`Config::handshake_timeout`],
+    /// which still bounds the rest of the handshake.
+    ///
+    /// A real client sends its first bytes as soon as it is connected, so
+    /// this can be much shorter than the whole handshake's deadline, and the
+    /// handshake places of connections that send nothing are freed sooner.
+    ///
+    /// Default: 3 s. Shorter frees those places sooner; longer is kinder to
+    /// networks that lose the first packet (TCP resends it after 1 s, then
+    /// 2 s more).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let server = wshub::Server::new().first_byte_timeout(Duration::from_secs(1));
+    /// ```
+    #[must_use]
+    pub fn first_byte_timeout(mut self, timeout: Duration) -> Server {
+        self.first_byte_timeout = timeout;
         self
     }
 
@@ -495,6 +642,12 @@ impl Server {
         let mut app = self;
         app.live = Arc::default();
         let handshakes = Arc::new(Semaphore::new(app.max_handshakes));
+        let per_ip = app.max_handshakes_per_ip.map(|max| {
+            Arc::new(PerIp {
+                max,
+                counts: Mutex::default(),
+            })
+        });
         let app = Arc::new(app);
         let stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -508,23 +661,23 @@ impl Server {
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         let _ = tcp.set_nodelay(true);
-                        match handshakes.clone().try_acquire_owned() {
-                            Ok(permit) => {
+                        match admit(&handshakes, per_ip.as_ref(), peer) {
+                            Ok(admission) => {
                                 tasks.spawn(connection(
                                     tcp,
                                     peer,
                                     app.clone(),
                                     stop.clone(),
-                                    permit,
+                                    admission,
                                     encryption.clone(),
                                     Instant::now(),
                                 ));
                             }
-                            Err(_) => {
+                            Err(busy) => {
                                 tracing::debug!(%peer, "too many handshakes in progress: 503");
                                 if matches!(encryption, Encryption::None) {
                                     // Best effort: the answer fits any socket buffer.
-                                    let _ = tcp.try_write(BUSY);
+                                    let _ = tcp.try_write(busy);
                                 }
                             }
                         }
@@ -701,7 +854,7 @@ where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let peer = SocketAddr::from(([127, 0, 0, 1], 9));
-    let Ok(permit) = Arc::new(Semaphore::new(1)).try_acquire_owned() else {
+    let Ok(admission) = admit(&Arc::new(Semaphore::new(1)), None, peer) else {
         return;
     };
     let app = Arc::new(server);
@@ -710,11 +863,91 @@ where
         peer,
         app,
         CancellationToken::new(),
-        permit,
+        admission,
         Encryption::None,
         Instant::now(),
     )
     .await;
+}
+
+/// What a connection's task learns from its socket during the HTTP phase.
+#[derive(Debug, Default)]
+struct Watch {
+    /// The client has sent at least one byte.
+    heard: AtomicBool,
+}
+
+impl Watch {
+    fn heard(&self) -> bool {
+        self.heard.load(Ordering::Acquire)
+    }
+}
+
+/// The socket under TLS and HTTP, telling the connection task when the
+/// first byte arrives (for [`Server::first_byte_timeout`]).
+struct Watched<IO> {
+    io: IO,
+    /// Dropped once the first byte is reported.
+    watch: Option<Arc<Watch>>,
+}
+
+impl<IO> Watched<IO> {
+    fn new(io: IO) -> (Watched<IO>, Arc<Watch>) {
+        let watch = Arc::new(Watch::default());
+        let watched = Watched {
+            io,
+            watch: Some(watch.clone()),
+        };
+        (watched, watch)
+    }
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            if let Some(watch) = this.watch.take() {
+                watch.heard.store(true, Ordering::Release);
+            }
+        }
+        polled
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 /// What runs between TCP and HTTP.
@@ -741,25 +974,43 @@ async fn connection<IO>(
     peer: SocketAddr,
     app: Arc<Server>,
     stop: CancellationToken,
-    handshake: OwnedSemaphorePermit,
+    admission: Admission,
     encryption: Encryption,
     accepted: Instant,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let deadline = accepted + app.config.handshake_timeout;
+    let first_byte = accepted + app.first_byte_timeout.min(app.config.handshake_timeout);
+    let (io, watch) = Watched::new(io);
     // The handshake's state is large and short-lived: boxed, it is freed at
     // the upgrade, and the task that lives as long as the session stays small.
-    let phase = Box::pin(http_phase(io, peer, app, encryption));
-    let opened = tokio::select! {
-        opened = phase => opened,
-        () = tokio::time::sleep_until(deadline) => {
-            tracing::debug!(%peer, "handshake timed out");
-            None
+    let mut phase = Box::pin(http_phase(io, peer, app.clone(), encryption));
+    // One timer: the first-byte deadline, then the whole phase's.
+    let timer = tokio::time::sleep_until(first_byte);
+    tokio::pin!(timer);
+    let mut awaiting_first_byte = first_byte < deadline;
+    let opened = loop {
+        tokio::select! {
+            opened = &mut phase => break opened,
+            () = &mut timer => {
+                if awaiting_first_byte && watch.heard() {
+                    awaiting_first_byte = false;
+                    timer.as_mut().reset(deadline);
+                    continue;
+                }
+                if awaiting_first_byte {
+                    tracing::debug!(%peer, "no byte before the first-byte deadline");
+                } else {
+                    tracing::debug!(%peer, "handshake timed out");
+                }
+                break None;
+            }
+            () = stop.cancelled() => break None,
         }
-        () = stop.cancelled() => None,
     };
-    drop(handshake);
+    drop(phase);
+    drop(admission);
     let Some((session, send_task, handler, _slot)) = opened else {
         return;
     };
@@ -897,6 +1148,32 @@ mod tests {
         ("sec-websocket-version", "13"),
         ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
     ];
+
+    #[test]
+    fn busy_answers_carry_their_body_length() {
+        for answer in [BUSY, BUSY_ADDRESS] {
+            let text = std::str::from_utf8(answer).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            let length = head
+                .lines()
+                .find_map(|line| line.strip_prefix("Content-Length: "))
+                .unwrap();
+            assert_eq!(length.parse::<usize>().unwrap(), body.len(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn addresses_are_grouped_by_ipv4_address_and_ipv6_slash_64() {
+        let group = |text: &str| address_group(text.parse().unwrap());
+        assert_eq!(group("203.0.113.7"), group("203.0.113.7"));
+        assert_ne!(group("203.0.113.7"), group("203.0.113.8"));
+        assert_eq!(group("2001:db8:1:2:aaaa::1"), group("2001:db8:1:2:bbbb::9"));
+        assert_ne!(group("2001:db8:1:2::1"), group("2001:db8:1:3::1"));
+        // On a dual-stack listener IPv4 clients arrive IPv4-mapped: each is
+        // its own group, not all of them one /64.
+        assert_eq!(group("::ffff:203.0.113.7"), group("203.0.113.7"));
+        assert_ne!(group("::ffff:203.0.113.7"), group("::ffff:203.0.113.8"));
+    }
 
     #[test]
     fn accepts_the_rfc_example_key() {

@@ -3,6 +3,10 @@
 //! * one deadline, `handshake_timeout`, for a connection's whole HTTP
 //!   phase: a client that sends one bad request after another on one
 //!   connection cannot keep its handshake place;
+//! * a per-address limit on connections in their handshake, and a
+//!   first-byte deadline: connections from one address that send nothing do
+//!   not lock out a client from another address, and are dropped sooner
+//!   than `handshake_timeout`;
 //!
 //! Every wait is bounded ([`within`], [`within_for`], [`wait_for`]); where a
 //! test needs time to pass (a deadline to expire), it says so, and the
@@ -13,15 +17,23 @@
 
 mod common;
 
-use common::{WAIT, within};
+use common::{WAIT, within, within_for};
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use wshub::testing::{TestClient, TestServer};
 use wshub::{Config, Server, tungstenite};
+
+/// The headers of a valid upgrade request for `/ws`, without the blank line
+/// that ends the head.
+const UPGRADE_HEAD: &str = "GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+Sec-WebSocket-Version: 13\r\n";
 
 /// A request the server refuses with 404 (no route there).
 const NOT_FOUND: &str = "GET /nope HTTP/1.1\r\nHost: localhost\r\n\r\n";
@@ -89,6 +101,19 @@ async fn connect(addr: SocketAddr) -> TcpStream {
         .expect("connect")
 }
 
+/// Raises the soft limit on open files towards the hard limit if it is
+/// below `needed` (both ends of every test connection are in this process).
+fn ensure_open_files(needed: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("read RLIMIT_NOFILE");
+    if soft < needed {
+        setrlimit(Resource::RLIMIT_NOFILE, hard.min(needed.max(4096)), hard)
+            .expect("raise RLIMIT_NOFILE");
+    }
+    let (soft, _) = getrlimit(Resource::RLIMIT_NOFILE).expect("read RLIMIT_NOFILE");
+    assert!(soft >= needed, "this test needs {needed} open files; the limit is {soft}");
+}
+
 /// Opens a WebSocket client, retrying while the server answers 503 (a
 /// handshake place not yet given back); any other failure fails the test.
 async fn connect_when_freed(server: &TestServer, what: &str) -> TestClient {
@@ -152,5 +177,153 @@ async fn bad_request_after_bad_request_does_not_keep_a_handshake_place() {
     client.send("hello").await;
     client.expect_text("hello").await;
     client.close(None).await;
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// Per-address limit and first-byte deadline
+// ---------------------------------------------------------------------------
+
+/// 300 connections from 127.0.0.1 that send nothing, against a server with
+/// 100 handshake places and at most 50 per address: 50 hold places, the
+/// other 250 get 503 at once, and a client from 127.0.0.2 is upgraded
+/// straight away. Both deadlines are 30 s here, so nothing is freed by time.
+#[tokio::test]
+async fn silent_connections_from_one_address_do_not_lock_out_another() {
+    const SILENT: usize = 300;
+    const PER_IP: usize = 50;
+    ensure_open_files(2 * SILENT as u64 + 256);
+    let long = Duration::from_secs(30);
+    let server = echo_server()
+        .max_handshakes(100)
+        .max_handshakes_per_ip(Some(PER_IP))
+        .first_byte_timeout(long)
+        .config(Config::default().handshake_timeout(long));
+    let server = TestServer::start(server).await;
+    let addr = server.addr();
+
+    let mut silent = Vec::with_capacity(SILENT);
+    for _ in 0..SILENT {
+        silent.push(connect(addr).await);
+    }
+    // Those past the per-address limit are answered and closed at once;
+    // the ones holding places get nothing.
+    let mut answers: FuturesUnordered<_> = silent
+        .iter_mut()
+        .enumerate()
+        .map(|(i, tcp)| async move {
+            let mut answer = Vec::new();
+            let _ = tcp.read_to_end(&mut answer).await;
+            (i, String::from_utf8_lossy(&answer).into_owned())
+        })
+        .collect();
+    let mut refused = Vec::new();
+    within("the 503s past the per-address limit", async {
+        while refused.len() < SILENT - PER_IP {
+            let (i, answer) = answers.next().await.expect("an answer");
+            assert!(
+                answer.starts_with("HTTP/1.1 503 ") && answer.contains("from your address"),
+                "silent connection {i} got {answer:?}"
+            );
+            refused.push(i);
+        }
+    })
+    .await;
+    drop(answers);
+    let mut holding = 0;
+    for (i, tcp) in silent.iter().enumerate() {
+        if !refused.contains(&i) {
+            let mut byte = [0u8; 1];
+            match tcp.try_read(&mut byte) {
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => holding += 1,
+                other => panic!("silent connection {i} should still be waiting: {other:?}"),
+            }
+        }
+    }
+    assert_eq!(holding, PER_IP);
+
+    // Another address is served at once, though 127.0.0.1 has 50 places.
+    let socket = TcpSocket::new_v4().expect("a TCP socket");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 2], 0)))
+        .expect("bind 127.0.0.2");
+    let tcp = within("a connection from 127.0.0.2", socket.connect(addr))
+        .await
+        .expect("connect from 127.0.0.2");
+    let (mut ws, response) = within_for(
+        Duration::from_secs(2),
+        "the upgrade of the client from 127.0.0.2",
+        tokio_tungstenite::client_async(server.url("/ws"), tcp),
+    )
+    .await
+    .expect("the client from 127.0.0.2 is upgraded");
+    assert_eq!(response.status(), 101);
+    {
+        use futures_util::SinkExt;
+        ws.send(tungstenite::Message::text("from 127.0.0.2"))
+            .await
+            .expect("send");
+        let echo = within("the echo", ws.next()).await;
+        assert!(
+            matches!(&echo, Some(Ok(tungstenite::Message::Text(t))) if t.as_str() == "from 127.0.0.2"),
+            "{echo:?}"
+        );
+        let _ = ws.close(None).await;
+    }
+    // A new connection from 127.0.0.1 is still refused, by the address limit.
+    let mut again = connect(addr).await;
+    let mut answer = String::new();
+    within("the 503", again.read_to_string(&mut answer))
+        .await
+        .expect("read the answer");
+    assert!(answer.contains("from your address"), "{answer:?}");
+
+    drop(silent);
+    server.shutdown().await;
+}
+
+/// A connection that sends nothing is dropped at the first-byte deadline
+/// (300 ms), long before `handshake_timeout` (5 s); one that sends half its
+/// request at once and the rest after the first-byte deadline has passed is
+/// upgraded, since only silence is cut short.
+#[tokio::test]
+async fn a_silent_connection_is_dropped_at_the_first_byte_deadline() {
+    let first_byte = Duration::from_millis(300);
+    let handshake = Duration::from_secs(5);
+    let server = echo_server()
+        .first_byte_timeout(first_byte)
+        .config(Config::default().handshake_timeout(handshake));
+    let server = TestServer::start(server).await;
+
+    let started = Instant::now();
+    let mut silent = connect(server.addr()).await;
+    let mut answer = Vec::new();
+    let _ = within_for(
+        handshake + Duration::from_secs(2),
+        "the server to drop the silent connection",
+        silent.read_to_end(&mut answer),
+    )
+    .await;
+    let took = started.elapsed();
+    assert!(answer.is_empty(), "a silent connection gets no answer: {answer:?}");
+    assert!(
+        took >= first_byte - Duration::from_millis(50) && took < Duration::from_secs(2),
+        "the silent connection was dropped after {took:?}: the first-byte deadline is \
+         {first_byte:?}, handshake_timeout {handshake:?}"
+    );
+
+    let mut slow = connect(server.addr()).await;
+    let (first, rest) = UPGRADE_HEAD.split_at(20);
+    slow.write_all(first.as_bytes()).await.expect("write");
+    // Deliberately past the first-byte deadline (and well within the
+    // handshake's): the point is what the server does then.
+    tokio::time::sleep(first_byte * 2).await;
+    slow.write_all(rest.as_bytes()).await.expect("write");
+    slow.write_all(b"\r\n").await.expect("write");
+    let response = read_response(&mut slow)
+        .await
+        .expect("the server answers the slow but not silent client");
+    assert_eq!(response.status, 101, "{response:?}");
+    drop(slow);
     server.shutdown().await;
 }
