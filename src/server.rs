@@ -183,6 +183,7 @@ pub struct Server {
     max_handshakes: usize,
     max_handshakes_per_ip: Option<usize>,
     first_byte_timeout: Duration,
+    max_request_head: usize,
     /// Lower-cased `Origin` values allowed to upgrade; `None` allows any.
     allowed_origins: Option<Arc<[String]>>,
     /// Sessions open or reserved by an accepted upgrade; counted per `serve`.
@@ -314,6 +315,7 @@ impl fmt::Debug for Server {
             .field("max_handshakes", &self.max_handshakes)
             .field("max_handshakes_per_ip", &self.max_handshakes_per_ip)
             .field("first_byte_timeout", &self.first_byte_timeout)
+            .field("max_request_head", &self.max_request_head)
             .field("allowed_origins", &self.allowed_origins)
             .finish()
     }
@@ -331,6 +333,7 @@ impl Server {
             max_handshakes: 1024,
             max_handshakes_per_ip: Some(64),
             first_byte_timeout: Duration::from_secs(3),
+            max_request_head: 16 * 1024,
             allowed_origins: None,
             live: Arc::default(),
         }
@@ -459,6 +462,32 @@ impl Server {
     #[must_use]
     pub fn first_byte_timeout(mut self, timeout: Duration) -> Server {
         self.first_byte_timeout = timeout;
+        self
+    }
+
+    /// The largest request head (request line and headers) a client may
+    /// send, in bytes. A longer one is answered `431 Request Header Fields
+    /// Too Large` and the connection closed. The head is measured as
+    /// clients usually write it (`Name: value`, CRLF line ends).
+    ///
+    /// hyper reads the head into a buffer of this size (at least 8 KiB, its
+    /// floor) and answers 431 itself, without a body, when the buffer fills
+    /// before the head ends; a longer head that happened to fit into one
+    /// read is caught once parsed and answered 431 with a body saying so.
+    /// Either way, the refused client's extra bytes are read and discarded
+    /// for a moment before the connection closes, so that it gets the 431
+    /// rather than a reset while it is still sending.
+    ///
+    /// Default: 16 KiB, room for a browser with a large cookie jar (many
+    /// servers allow 8 to 16 KiB). A handshake costs up to this much memory
+    /// while it lasts; hyper's own default is about 400 KiB.
+    ///
+    /// ```
+    /// let server = wshub::Server::new().max_request_head(32 * 1024);
+    /// ```
+    #[must_use]
+    pub fn max_request_head(mut self, bytes: usize) -> Server {
+        self.max_request_head = bytes;
         self
     }
 
@@ -743,6 +772,16 @@ impl Server {
         mut req: http::Request<Incoming>,
         peer: SocketAddr,
     ) -> Result<(http::Response<Full<Bytes>>, Upgrade), Rejection> {
+        let head = head_len(&req);
+        if head > self.max_request_head {
+            return Err(Rejection::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                format!(
+                    "request head of at least {head} bytes: this server takes at most {} bytes",
+                    self.max_request_head
+                ),
+            ));
+        }
         let Some(route) = self.routes.get(req.uri().path()).cloned() else {
             return Err(Rejection::new(
                 StatusCode::NOT_FOUND,
@@ -784,6 +823,24 @@ struct Upgrade {
     request: Request,
     config: Config,
     slot: Slot,
+}
+
+/// The size of `req`'s head as clients write it: the request line, each
+/// header as `Name: value` with CRLF line ends, and the blank line. That is
+/// the exact size on the wire for the usual spelling; a client that leaves
+/// out optional spaces or sends bare LFs is counted a few bytes more.
+fn head_len<B>(req: &http::Request<B>) -> usize {
+    let uri = req.uri();
+    let target = uri.scheme_str().map_or(0, |s| s.len() + "://".len())
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |p| p.as_str().len());
+    let line = req.method().as_str().len() + " ".len() + target + " HTTP/1.1\r\n".len();
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + ": ".len() + value.len() + "\r\n".len())
+        .sum();
+    line + headers + "\r\n".len()
 }
 
 /// Checks an upgrade request against RFC 6455 §4.2.1 and returns the
@@ -870,25 +927,53 @@ where
     .await;
 }
 
+/// The smallest read buffer hyper accepts (`http1::Builder::max_buf_size`).
+const HYPER_MIN_BUF: usize = 8192;
+
+/// How long a refused connection's incoming bytes are read and discarded
+/// after the refusal, at most, before the socket is closed.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// How many of them, at most.
+const LINGER_BYTES: usize = 1 << 20;
+
 /// What a connection's task learns from its socket during the HTTP phase.
 #[derive(Debug, Default)]
 struct Watch {
     /// The client has sent at least one byte.
     heard: AtomicBool,
+    /// The upgrade is accepted: from now on the socket is the session's.
+    upgraded: AtomicBool,
 }
 
 impl Watch {
     fn heard(&self) -> bool {
         self.heard.load(Ordering::Acquire)
     }
+
+    fn upgraded(&self) -> bool {
+        self.upgraded.load(Ordering::Acquire)
+    }
 }
 
-/// The socket under TLS and HTTP, telling the connection task when the
-/// first byte arrives (for [`Server::first_byte_timeout`]).
+/// The socket under TLS and HTTP. It tells the connection task when the
+/// first byte arrives (for [`Server::first_byte_timeout`]), and while the
+/// connection is still HTTP it closes gracefully: when hyper shuts it down
+/// after a refusal, the client's unread bytes are drained first, since
+/// closing a socket with unread input sends a reset, and a client still
+/// sending would lose the refusal to it.
 struct Watched<IO> {
     io: IO,
-    /// Dropped once the first byte is reported.
+    /// Shared with the connection task; let go once the session has the socket.
     watch: Option<Arc<Watch>>,
+    /// Set once a shutdown in the HTTP phase has begun draining.
+    linger: Option<Box<Linger>>,
+}
+
+/// A graceful close in progress: [`LINGER`] and [`LINGER_BYTES`] at most.
+struct Linger {
+    until: Pin<Box<tokio::time::Sleep>>,
+    drained: usize,
 }
 
 impl<IO> Watched<IO> {
@@ -897,8 +982,16 @@ impl<IO> Watched<IO> {
         let watched = Watched {
             io,
             watch: Some(watch.clone()),
+            linger: None,
         };
         (watched, watch)
+    }
+
+    /// Lets go of the watch once the session owns the socket.
+    fn release_if_upgraded(&mut self) {
+        if self.watch.as_ref().is_some_and(|w| w.upgraded()) {
+            self.watch = None;
+        }
     }
 }
 
@@ -911,22 +1004,59 @@ impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<IO> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            if let Some(watch) = this.watch.take() {
+        if let Some(watch) = &this.watch {
+            if buf.filled().len() > before && !watch.heard() {
                 watch.heard.store(true, Ordering::Release);
             }
+            this.release_if_upgraded();
         }
         polled
     }
 }
 
-impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<IO> {
+impl<IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Watched<IO> {
+    /// Shuts down the sending side, then reads and discards what the client
+    /// still sends until it closes, for [`LINGER`] or [`LINGER_BYTES`] at
+    /// most (and within the handshake's deadline, which bounds it all).
+    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.linger.is_none() {
+            std::task::ready!(Pin::new(&mut self.io).poll_shutdown(cx))?;
+            self.linger = Some(Box::new(Linger {
+                until: Box::pin(tokio::time::sleep(LINGER)),
+                drained: 0,
+            }));
+        }
+        let Some(linger) = self.linger.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let mut scratch = [0u8; 4096];
+        loop {
+            if linger.until.as_mut().poll(cx).is_ready() || linger.drained > LINGER_BYTES {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = tokio::io::ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => linger.drained += buf.filled().len(),
+                // The client is gone: nothing left to protect.
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl<IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite
+    for Watched<IO>
+{
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        this.release_if_upgraded();
+        Pin::new(&mut this.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -934,7 +1064,9 @@ impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        this.release_if_upgraded();
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -946,7 +1078,13 @@ impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<IO> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        this.release_if_upgraded();
+        if this.linger.is_some() || this.watch.is_some() {
+            this.poll_linger(cx)
+        } else {
+            Pin::new(&mut this.io).poll_shutdown(cx)
+        }
     }
 }
 
@@ -985,7 +1123,7 @@ async fn connection<IO>(
     let (io, watch) = Watched::new(io);
     // The handshake's state is large and short-lived: boxed, it is freed at
     // the upgrade, and the task that lives as long as the session stays small.
-    let mut phase = Box::pin(http_phase(io, peer, app.clone(), encryption));
+    let mut phase = Box::pin(http_phase(io, peer, app.clone(), encryption, watch.clone()));
     // One timer: the first-byte deadline, then the whole phase's.
     let timer = tokio::time::sleep_until(first_byte);
     tokio::pin!(timer);
@@ -1046,15 +1184,16 @@ async fn http_phase<IO>(
     peer: SocketAddr,
     app: Arc<Server>,
     encryption: Encryption,
+    watch: Arc<Watch>,
 ) -> Option<Opened>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     match encryption {
-        Encryption::None => open(io, peer, app).await,
+        Encryption::None => open(io, peer, app, watch).await,
         #[cfg(feature = "tls")]
         Encryption::Tls(acceptor) => match acceptor.accept(io).await {
-            Ok(tls) => open(tls, peer, app).await,
+            Ok(tls) => open(tls, peer, app, watch).await,
             Err(err) => {
                 tracing::debug!(%peer, error = %err, "TLS handshake failed");
                 None
@@ -1065,7 +1204,7 @@ where
 
 /// Serves the HTTP request on `io` and, once upgraded, starts the session:
 /// returns it with its send task and its route's handler.
-async fn open<IO>(io: IO, peer: SocketAddr, app: Arc<Server>) -> Option<Opened>
+async fn open<IO>(io: IO, peer: SocketAddr, app: Arc<Server>, watch: Arc<Watch>) -> Option<Opened>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -1099,12 +1238,15 @@ where
     // hyper needs no timer of its own.
     let http = http1::Builder::new()
         .header_read_timeout(None)
+        .max_buf_size(app.max_request_head.max(HYPER_MIN_BUF))
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     if let Err(err) = http.await {
         tracing::debug!(%peer, error = %err, "HTTP connection failed");
     }
     let accepted = upgrade.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+    // hyper is done with the socket; a shutdown from now on is the session's.
+    watch.upgraded.store(true, Ordering::Release);
     let upgraded = match accepted.on_upgrade.await {
         Ok(upgraded) => upgraded,
         Err(err) => {

@@ -7,6 +7,8 @@
 //!   first-byte deadline: connections from one address that send nothing do
 //!   not lock out a client from another address, and are dropped sooner
 //!   than `handshake_timeout`;
+//! * a cap on the request head, answered 431 (and delivered: the server
+//!   drains what the refused client is still sending before it closes);
 //!
 //! Every wait is bounded ([`within`], [`within_for`], [`wait_for`]); where a
 //! test needs time to pass (a deadline to expire), it says so, and the
@@ -325,5 +327,108 @@ async fn a_silent_connection_is_dropped_at_the_first_byte_deadline() {
         .expect("the server answers the slow but not silent client");
     assert_eq!(response.status, 101, "{response:?}");
     drop(slow);
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// The request head's size
+// ---------------------------------------------------------------------------
+
+/// The default `Server::max_request_head`.
+const HEAD_CAP: usize = 16 * 1024;
+
+/// A complete upgrade request for `/ws` whose head is exactly `len` bytes,
+/// padded with an `X-Pad` header.
+fn upgrade_of_len(len: usize) -> String {
+    let fixed = UPGRADE_HEAD.len() + "X-Pad: \r\n".len() + "\r\n".len();
+    assert!(len > fixed, "a head of {len} bytes cannot hold the upgrade headers");
+    let request = format!("{UPGRADE_HEAD}X-Pad: {}\r\n\r\n", "p".repeat(len - fixed));
+    assert_eq!(request.len(), len);
+    request
+}
+
+/// Writes `request` (ignoring a failed write: the server may refuse early)
+/// and reads the answer.
+async fn answer_to(addr: SocketAddr, request: &[u8]) -> Option<Response> {
+    let mut tcp = connect(addr).await;
+    let write = within("the request to be written", tcp.write_all(request)).await;
+    let response = read_response(&mut tcp).await;
+    if response.is_none() {
+        panic!(
+            "no answer to a request head of {} bytes; the write returned {write:?}",
+            request.len()
+        );
+    }
+    response
+}
+
+/// 64 KiB of headers (hyper alone takes about 400 KiB) is answered `431
+/// Request Header Fields Too Large`, not a dropped connection; so is a head
+/// just over the cap sent in one write (hyper may parse it whole, then
+/// wshub refuses it, saying why); a head just under the cap is upgraded.
+#[tokio::test]
+async fn a_request_head_over_the_cap_gets_431_and_one_under_it_is_upgraded() {
+    let server = TestServer::start(echo_server()).await;
+    let addr = server.addr();
+
+    let big = answer_to(addr, upgrade_of_len(64 * 1024).as_bytes()).await;
+    let big = big.expect("an answer");
+    assert_eq!(big.status, 431, "{big:?}");
+
+    let over = answer_to(addr, upgrade_of_len(HEAD_CAP + 1).as_bytes()).await;
+    let over = over.expect("an answer");
+    assert_eq!(over.status, 431, "{over:?}");
+
+    let under = answer_to(addr, upgrade_of_len(HEAD_CAP - 1).as_bytes()).await;
+    let under = under.expect("an answer");
+    assert_eq!(under.status, 101, "{under:?}");
+    server.shutdown().await;
+
+    // Below hyper's 8 KiB floor the cap is wshub's own check, with a body;
+    // a head of exactly the cap is allowed.
+    let server = TestServer::start(echo_server().max_request_head(4096)).await;
+    let over = answer_to(server.addr(), upgrade_of_len(4097).as_bytes()).await;
+    let over = over.expect("an answer");
+    assert_eq!(over.status, 431, "{over:?}");
+    assert!(over.body.contains("at most 4096 bytes"), "{over:?}");
+    let under = answer_to(server.addr(), upgrade_of_len(4096).as_bytes()).await;
+    assert_eq!(under.expect("an answer").status, 101);
+    server.shutdown().await;
+}
+
+/// A client that sends a request head of almost 1 MiB and only then reads
+/// (as most clients do) gets its 431: the server reads and discards what it
+/// is still sending before closing, instead of resetting the connection
+/// under it. The refusal then frees the handshake place, so the next client is
+/// served with `max_handshakes(1)`.
+#[tokio::test]
+async fn a_client_still_sending_its_oversized_head_gets_the_431() {
+    let server = TestServer::start(echo_server().max_handshakes(1)).await;
+    let addr = server.addr();
+    let request = upgrade_of_len(1024 * 1024 - 64 * 1024);
+    // A small send buffer, so that the client is still sending (its kernel
+    // cannot take the whole request at once) when the server refuses it.
+    let socket = TcpSocket::new_v4().expect("a TCP socket");
+    socket
+        .set_send_buffer_size(8 * 1024)
+        .expect("set the send buffer size");
+    let mut tcp = within("a TCP connection", socket.connect(addr))
+        .await
+        .expect("connect");
+    within("the whole request to be written", tcp.write_all(request.as_bytes()))
+        .await
+        .expect("the server takes the whole request rather than resetting the connection");
+    let response = read_response(&mut tcp).await.expect("an answer");
+    assert_eq!(response.status, 431, "{response:?}");
+    let mut rest = Vec::new();
+    within("the end of the connection", tcp.read_to_end(&mut rest))
+        .await
+        .expect("a clean end of the connection after the 431");
+    drop(tcp);
+
+    let mut client = connect_when_freed(&server, "the 431").await;
+    client.send("after").await;
+    client.expect_text("after").await;
+    client.close(None).await;
     server.shutdown().await;
 }
