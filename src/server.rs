@@ -19,7 +19,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::FutureExt as _;
-use http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -184,6 +184,7 @@ pub struct Server {
     max_handshakes_per_ip: Option<usize>,
     first_byte_timeout: Duration,
     max_request_head: usize,
+    session_headers: Arc<[HeaderName]>,
     /// Lower-cased `Origin` values allowed to upgrade; `None` allows any.
     allowed_origins: Option<Arc<[String]>>,
     /// Sessions open or reserved by an accepted upgrade; counted per `serve`.
@@ -316,12 +317,26 @@ impl fmt::Debug for Server {
             .field("max_handshakes_per_ip", &self.max_handshakes_per_ip)
             .field("first_byte_timeout", &self.first_byte_timeout)
             .field("max_request_head", &self.max_request_head)
+            .field("session_headers", &self.session_headers)
             .field("allowed_origins", &self.allowed_origins)
             .finish()
     }
 }
 
 impl Server {
+    /// The request headers a session keeps by default (see
+    /// [`session_headers`](Self::session_headers)): who the client says it
+    /// is and where it connected from, without credentials.
+    pub const DEFAULT_SESSION_HEADERS: [HeaderName; 7] = [
+        header::HOST,
+        header::ORIGIN,
+        header::USER_AGENT,
+        header::SEC_WEBSOCKET_PROTOCOL,
+        header::FORWARDED,
+        HeaderName::from_static("x-forwarded-for"),
+        HeaderName::from_static("x-real-ip"),
+    ];
+
     /// A server with no routes and [`Config::default`].
     pub fn new() -> Server {
         Server {
@@ -334,6 +349,7 @@ impl Server {
             max_handshakes_per_ip: Some(64),
             first_byte_timeout: Duration::from_secs(3),
             max_request_head: 16 * 1024,
+            session_headers: Server::DEFAULT_SESSION_HEADERS.into(),
             allowed_origins: None,
             live: Arc::default(),
         }
@@ -488,6 +504,40 @@ impl Server {
     #[must_use]
     pub fn max_request_head(mut self, bytes: usize) -> Server {
         self.max_request_head = bytes;
+        self
+    }
+
+    /// The request headers a session keeps, in
+    /// [`Session::request`](crate::Session::request), once the upgrade is
+    /// accepted; the [handshake hook](Self::on_handshake) sees them all.
+    ///
+    /// A session lives long and a request head may be up to
+    /// [`max_request_head`](Self::max_request_head): so that what a session
+    /// holds does not grow with whatever headers a client adds, it keeps its
+    /// method, URI and peer address and only these headers, copied into a
+    /// buffer of exactly their size; the rest is freed with the handshake.
+    ///
+    /// Default: [`DEFAULT_SESSION_HEADERS`](Self::DEFAULT_SESSION_HEADERS):
+    /// `Host`, `Origin`, `User-Agent`, `Sec-WebSocket-Protocol`,
+    /// `Forwarded`, `X-Forwarded-For` and `X-Real-IP`, typically a few
+    /// hundred bytes. Credentials (`Cookie`, `Authorization`) are not kept:
+    /// check them in the hook. Each header you add costs every session its
+    /// size for the session's whole life.
+    ///
+    /// ```
+    /// use http::HeaderName;
+    /// use wshub::Server;
+    ///
+    /// // The default set and the user id an authenticating proxy adds.
+    /// let server = Server::new().session_headers(
+    ///     Server::DEFAULT_SESSION_HEADERS
+    ///         .into_iter()
+    ///         .chain([HeaderName::from_static("x-user-id")]),
+    /// );
+    /// ```
+    #[must_use]
+    pub fn session_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Server {
+        self.session_headers = names.into_iter().collect();
         self
     }
 
@@ -791,12 +841,15 @@ impl Server {
         let accept = check_upgrade(req.method(), req.version(), req.headers())?;
         self.check_origin(req.headers())?;
         let on_upgrade = hyper::upgrade::on(&mut req);
-        let request = Request::new(req, Some(peer));
+        let (parts, _body) = req.into_parts();
+        let request = Request::borrowed(parts, peer);
         let mut config = route.config.clone().unwrap_or_else(|| self.config.clone());
         if let Some(hook) = &self.hook {
             hook(&request, &mut config)?;
         }
         let slot = self.reserve()?;
+        // What the session keeps does not grow with what the client sent.
+        let request = request.keeping(&self.session_headers);
         let mut response = http::Response::new(Full::new(Bytes::new()));
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         let headers = response.headers_mut();

@@ -9,6 +9,8 @@
 //!   than `handshake_timeout`;
 //! * a cap on the request head, answered 431 (and delivered: the server
 //!   drains what the refused client is still sending before it closes);
+//! * a session keeps only the request headers named by
+//!   `Server::session_headers`, whatever else the client sent;
 //!
 //! Every wait is bounded ([`within`], [`within_for`], [`wait_for`]); where a
 //! test needs time to pass (a deadline to expire), it says so, and the
@@ -28,6 +30,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::mpsc::unbounded_channel;
 use wshub::testing::{TestClient, TestServer};
 use wshub::{Config, Server, tungstenite};
 
@@ -431,4 +434,72 @@ async fn a_client_still_sending_its_oversized_head_gets_the_431() {
     client.expect_text("after").await;
     client.close(None).await;
     server.shutdown().await;
+}
+
+/// What the handshake hook and the session saw of one request's headers:
+/// each header's name and the length of its value, sorted.
+type Seen = Vec<(String, usize)>;
+
+fn seen(headers: &http::HeaderMap) -> Seen {
+    let mut seen: Seen = headers
+        .iter()
+        .map(|(name, value)| (name.as_str().to_owned(), value.len()))
+        .collect();
+    seen.sort();
+    seen
+}
+
+/// Upgrades on `server` with a 10 KiB `X-Big` header, a cookie, an origin
+/// and a user agent; returns what the hook saw and what the session kept.
+async fn hook_and_session_headers(server: Server) -> (Seen, Seen) {
+    let (hook_tx, mut hook_rx) = unbounded_channel();
+    let (session_tx, mut session_rx) = unbounded_channel();
+    let server = server
+        .route("/ws", move |session| {
+            let _ = session_tx.send(seen(session.request().headers()));
+            async {}
+        })
+        .on_handshake(move |request, _config| {
+            let _ = hook_tx.send(seen(request.headers()));
+            Ok(())
+        });
+    let server = TestServer::start(server).await;
+    let request = format!(
+        "{UPGRADE_HEAD}Origin: https://chat.example\r\nUser-Agent: test/1.0\r\n\
+         Cookie: session=secret\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(10 * 1024)
+    );
+    let response = answer_to(server.addr(), request.as_bytes()).await;
+    assert_eq!(response.expect("an answer").status, 101);
+    let hook = within("the hook's report", hook_rx.recv()).await.expect("a report");
+    let session = within("the session's report", session_rx.recv())
+        .await
+        .expect("a report");
+    server.shutdown().await;
+    (hook, session)
+}
+
+/// The handshake hook sees every header; a session keeps only the default
+/// session headers (here `Host`, `Origin`, `User-Agent`), not a 10 KiB
+/// custom header nor the cookie, unless `session_headers` names them.
+#[tokio::test]
+async fn a_session_keeps_only_its_session_headers() {
+    let (hook, session) = hook_and_session_headers(echo_server()).await;
+    let names = |seen: &Seen| seen.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    for name in ["cookie", "origin", "user-agent", "x-big", "upgrade", "host"] {
+        assert!(names(&hook).contains(&name.to_owned()), "the hook sees {name}: {hook:?}");
+    }
+    assert_eq!(
+        session,
+        [
+            ("host".to_owned(), "localhost".len()),
+            ("origin".to_owned(), "https://chat.example".len()),
+            ("user-agent".to_owned(), "test/1.0".len()),
+        ],
+        "what the session kept"
+    );
+
+    let keep_big = echo_server().session_headers([http::HeaderName::from_static("x-big")]);
+    let (_, session) = hook_and_session_headers(keep_big).await;
+    assert_eq!(session, [("x-big".to_owned(), 10 * 1024)]);
 }
