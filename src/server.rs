@@ -32,6 +32,7 @@ use tokio::time::Instant;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use crate::config::Config;
 use crate::message::{CloseCode, close_reason};
@@ -189,6 +190,8 @@ pub struct Server {
     allowed_origins: Option<Arc<[String]>>,
     /// Sessions open or reserved by an accepted upgrade; counted per `serve`.
     live: Arc<AtomicUsize>,
+    /// The sessions' send tasks, which `serve` waits for; one per `serve`.
+    tracker: TaskTracker,
 }
 
 /// A slot among [`Server::max_connections`], held from the accepted upgrade
@@ -352,6 +355,7 @@ impl Server {
             session_headers: Server::DEFAULT_SESSION_HEADERS.into(),
             allowed_origins: None,
             live: Arc::default(),
+            tracker: TaskTracker::new(),
         }
     }
 
@@ -651,7 +655,10 @@ impl Server {
     /// Then it stops accepting, sends every session a Close frame with 1001
     /// (Going Away) after the hub messages already buffered for it, waits for
     /// every connection task to end (up to the [shutdown
-    /// timeout](Self::shutdown_timeout), then aborts the rest), and returns.
+    /// timeout](Self::shutdown_timeout), then aborts the rest, each
+    /// session's send task with its connection), and returns once no task
+    /// of the server is left: no session writes to its client after that.
+    /// Tasks a handler spawned itself are its own.
     ///
     /// # Errors
     ///
@@ -720,6 +727,7 @@ impl Server {
     ) -> io::Result<()> {
         let mut app = self;
         app.live = Arc::default();
+        app.tracker = TaskTracker::new();
         let handshakes = Arc::new(Semaphore::new(app.max_handshakes));
         let per_ip = app.max_handshakes_per_ip.map(|max| {
             Arc::new(PerIp {
@@ -781,6 +789,11 @@ impl Server {
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
         }
+        // Every connection task has ended, and each took its send task with
+        // it (awaited, or aborted on drop): wait until the last one is gone,
+        // so that nothing of this server runs once `serve` returns.
+        app.tracker.close();
+        app.tracker.wait().await;
         Ok(())
     }
 
@@ -1205,6 +1218,8 @@ async fn connection<IO>(
     let Some((session, send_task, handler, _slot)) = opened else {
         return;
     };
+    // If this task is aborted (shutdown_timeout), the send task goes with it.
+    let send_task = AbortOnDropHandle::new(send_task);
     let out = session.outgoing();
     let _guard = out.kill_on_drop();
     let id = session.id();
@@ -1314,6 +1329,7 @@ where
             request: accepted.request,
             raw: accepted.route.raw,
             managed: true,
+            tracker: Some(app.tracker.clone()),
         },
     )
     .await;

@@ -11,6 +11,9 @@
 //!   drains what the refused client is still sending before it closes);
 //! * a session keeps only the request headers named by
 //!   `Server::session_headers`, whatever else the client sent;
+//! * when `serve` returns, no task of the server runs: a session's send
+//!   task, stuck writing to a client that does not read, is aborted with
+//!   its connection after `shutdown_timeout`;
 //!
 //! Every wait is bounded ([`within`], [`within_for`], [`wait_for`]); where a
 //! test needs time to pass (a deadline to expire), it says so, and the
@@ -503,3 +506,127 @@ async fn a_session_keeps_only_its_session_headers() {
     let (_, session) = hook_and_session_headers(keep_big).await;
     assert_eq!(session, [("x-big".to_owned(), 10 * 1024)]);
 }
+
+// ---------------------------------------------------------------------------
+// Nothing outlives serve
+// ---------------------------------------------------------------------------
+
+/// Tasks alive on the current runtime.
+fn alive_tasks() -> usize {
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
+}
+
+/// A client that stops reading while a detached task floods its session
+/// through an `Outgoing` handle: at shutdown its send task is stuck writing
+/// (`send_timeout` a minute), the handler never returns, and after
+/// `shutdown_timeout` (200 ms) `serve` aborts the connection. When `serve`
+/// returns, the send task must be gone too: the task count is back to what
+/// it was before the server started, and the client's socket reaches its
+/// end once the bytes already in flight are read.
+#[tokio::test]
+async fn no_send_task_outlives_serve() {
+    let (flooders_tx, mut flooders) = unbounded_channel();
+    let stop_flooding = tokio_util::sync::CancellationToken::new();
+    let stop_flood = stop_flooding.clone();
+    let server = Server::new()
+        .shutdown_timeout(Duration::from_millis(200))
+        .config(
+            Config::default()
+                .send_timeout(Duration::from_secs(60))
+                .ping_period(None),
+        )
+        .route("/ws", move |mut session| {
+            let out = session.outgoing();
+            let stop = stop_flood.clone();
+            let flooder = tokio::spawn(async move {
+                let chunk = wshub::Message::binary(vec![0u8; 16 * 1024]);
+                let flood = async { while out.send(chunk.clone()).await.is_ok() {} };
+                tokio::select! {
+                    () = flood => {}
+                    () = stop.cancelled() => {}
+                }
+            });
+            let _ = flooders_tx.send(flooder);
+            async move {
+                // Never returns while the session is open: shutdown must abort it.
+                while session.recv().await.is_some() {}
+                std::future::pending::<()>().await;
+            }
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("the listener's address");
+    let idle = alive_tasks();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server.serve(listener, async {
+        let _ = stopped.await;
+    }));
+
+    // The client: a small receive buffer, and after the 101 it reads nothing.
+    let socket = TcpSocket::new_v4().expect("a TCP socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("set the receive buffer size");
+    let mut tcp = within("a TCP connection", socket.connect(addr))
+        .await
+        .expect("connect");
+    tcp.write_all(format!("{UPGRADE_HEAD}\r\n").as_bytes())
+        .await
+        .expect("write the upgrade request");
+    let response = read_response(&mut tcp).await.expect("the 101");
+    assert_eq!(response.status, 101, "{response:?}");
+    let flooder = within("the handler to start", flooders.recv())
+        .await
+        .expect("the flooder");
+    // Wait until the server's writes have filled the client's receive
+    // buffer: the send task is then stuck in a write.
+    within("the client's receive buffer to fill", async {
+        let mut peeked = vec![0u8; 64 * 1024];
+        while tcp.peek(&mut peeked).await.expect("peek") < 2048 {
+            tokio::time::sleep(common::POLL).await;
+        }
+    })
+    .await;
+
+    let _ = stop.send(());
+    within_for(
+        Duration::from_secs(3),
+        "serve to return after shutdown_timeout",
+        serving,
+    )
+    .await
+    .expect("the serve task")
+    .expect("serve");
+    // The flooder is the test's task, not the server's: end it.
+    stop_flooding.cancel();
+    within("the flooder to end", flooder)
+        .await
+        .expect("the flooder");
+    assert_eq!(
+        alive_tasks(),
+        idle,
+        "tasks alive after serve returned (the server's own should all be gone)"
+    );
+    // What was in flight arrives, then the end: nobody writes any more.
+    let mut rest = Vec::new();
+    let end = within("the client's socket to reach its end", async {
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            match tcp.read(&mut chunk).await {
+                Ok(0) => return "EOF",
+                Ok(n) => rest.extend_from_slice(&chunk[..n]),
+                Err(_) => return "reset",
+            }
+        }
+    })
+    .await;
+    assert!(
+        rest.len() < 8 * 1024 * 1024,
+        "{} bytes arrived after serve returned before the {end}",
+        rest.len()
+    );
+}
+
