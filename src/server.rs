@@ -26,7 +26,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio::task::{JoinHandle, JoinSet};
@@ -170,7 +170,7 @@ struct Route {
 ///             }
 ///         }
 ///     });
-/// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+/// let listener = server.bind("127.0.0.1:8080").await?;
 /// server.serve(listener, async { let _ = tokio::signal::ctrl_c().await; }).await
 /// # }
 /// ```
@@ -650,7 +650,56 @@ impl Server {
         self
     }
 
+    /// Binds a TCP listener on `addr` for [`serve`](Self::serve) or
+    /// `serve_tls`, with a listen backlog sized for this server.
+    ///
+    /// The backlog holds connections the kernel has completed but the
+    /// server has not yet accepted. tokio's `TcpListener::bind` asks for
+    /// 128, as the standard library does: in a burst of connections (many
+    /// clients reconnecting at once after a restart) those beyond it have
+    /// their SYN dropped and wait a second for the retransmission, though
+    /// the server could take them at once. This asks for
+    /// max(1,024, [`max_handshakes`](Self::max_handshakes)), so call it
+    /// after setting that; the kernel caps it at `net.core.somaxconn` (4,096
+    /// on Linux since 5.4, 128 before). On Unix it sets `SO_REUSEADDR`, as
+    /// `TcpListener::bind` does, so a restarted server can bind its port
+    /// while old connections linger in `TIME_WAIT`. Like
+    /// `TcpListener::bind`, it tries each address `addr` resolves to until
+    /// one binds.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> std::io::Result<()> {
+    /// let server = wshub::Server::new().route("/ws", |session| async move { drop(session) });
+    /// let listener = server.bind("0.0.0.0:8080").await?;
+    /// server.serve(listener, std::future::pending()).await
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As `TcpListener::bind`: the address does not resolve, or no address
+    /// it resolves to can be bound (in use, not allowed).
+    pub async fn bind(&self, addr: impl tokio::net::ToSocketAddrs) -> io::Result<TcpListener> {
+        let backlog = u32::try_from(self.max_handshakes.max(1024)).unwrap_or(u32::MAX);
+        let mut failure = None;
+        for addr in tokio::net::lookup_host(addr).await? {
+            match listen(addr, backlog) {
+                Ok(listener) => return Ok(listener),
+                Err(err) => failure = Some(err),
+            }
+        }
+        Err(failure.unwrap_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the address did not resolve to any socket address",
+            )
+        }))
+    }
+
     /// Serves connections from `listener` until `shutdown` completes.
+    ///
+    /// Bind the listener with [`bind`](Self::bind), which gives it a listen
+    /// backlog for bursts of connections.
     ///
     /// Then it stops accepting, sends every session a Close frame with 1001
     /// (Going Away) after the hub messages already buffered for it, waits for
@@ -698,7 +747,7 @@ impl Server {
     ///     .with_no_client_auth()
     ///     .with_single_cert(certs, key)?;
     /// let server = wshub::Server::new().route("/ws", |session| async move { drop(session) });
-    /// let listener = tokio::net::TcpListener::bind("0.0.0.0:443").await?;
+    /// let listener = server.bind("0.0.0.0:443").await?;
     /// server
     ///     .serve_tls(listener, TlsAcceptor::from(Arc::new(tls)), std::future::pending())
     ///     .await?;
@@ -889,6 +938,20 @@ struct Upgrade {
     request: Request,
     config: Config,
     slot: Slot,
+}
+
+/// A listening socket on `addr` with `backlog`, for [`Server::bind`].
+fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // On Windows SO_REUSEADDR would let another socket take the port over.
+    #[cfg(not(windows))]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// The size of `req`'s head as clients write it: the request line, each

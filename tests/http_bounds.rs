@@ -14,6 +14,8 @@
 //! * when `serve` returns, no task of the server runs: a session's send
 //!   task, stuck writing to a client that does not read, is aborted with
 //!   its connection after `shutdown_timeout`;
+//! * `Server::bind` listens with a backlog that takes a burst of
+//!   connections at once (tokio's `TcpListener::bind` takes 128);
 //!
 //! Every wait is bounded ([`within`], [`within_for`], [`wait_for`]); where a
 //! test needs time to pass (a deadline to expire), it says so, and the
@@ -630,3 +632,52 @@ async fn no_send_task_outlives_serve() {
     );
 }
 
+
+// ---------------------------------------------------------------------------
+// The listen backlog
+// ---------------------------------------------------------------------------
+
+/// 300 connections arrive before the server accepts any (a burst of
+/// clients reconnecting): with `Server::bind` every one completes at once.
+/// With a backlog of 128, as `TcpListener::bind` gives, the kernel drops the
+/// SYNs beyond it and those clients wait a second for the retransmission.
+/// Then the server serves the listener as usual.
+#[tokio::test]
+async fn server_bind_takes_a_burst_of_connections_before_the_first_accept() {
+    const BURST: usize = 300;
+    ensure_open_files(2 * BURST as u64 + 256);
+    let server = echo_server().max_handshakes_per_ip(None);
+    let listener = server.bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("the listener's address");
+
+    let mut waiting = Vec::with_capacity(BURST);
+    for i in 0..BURST {
+        // A SYN retransmission takes 1 s: anything near that is a dropped SYN.
+        let tcp = within_for(
+            Duration::from_millis(500),
+            &format!("connection {i} of {BURST} to complete with nobody accepting yet"),
+            TcpStream::connect(addr),
+        )
+        .await
+        .expect("connect");
+        waiting.push(tcp);
+    }
+
+    // The accept loop starts: the waiting connections are served in turn.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server.serve(listener, async {
+        let _ = stopped.await;
+    }));
+    let request = format!("{UPGRADE_HEAD}\r\n");
+    for tcp in waiting.iter_mut().step_by(50) {
+        tcp.write_all(request.as_bytes()).await.expect("write");
+        let response = read_response(tcp).await.expect("an answer");
+        assert_eq!(response.status, 101, "{response:?}");
+    }
+    drop(waiting);
+    let _ = stop.send(());
+    within("serve to return", serving)
+        .await
+        .expect("the serve task")
+        .expect("serve");
+}
