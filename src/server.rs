@@ -986,6 +986,18 @@ fn check_upgrade(
     if version < Version::HTTP_11 {
         return Err(bad("a WebSocket upgrade needs HTTP/1.1"));
     }
+    // RFC 6455 §4.1: the opening handshake is a GET; a body has no meaning
+    // there, and its bytes would be read as the first WebSocket frames.
+    let has_length = headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .any(|v| v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) != Some(0));
+    if has_length || headers.contains_key(header::TRANSFER_ENCODING) {
+        return Err(bad(
+            "a WebSocket upgrade request must not have a body \
+             (no Content-Length other than 0, no Transfer-Encoding)",
+        ));
+    }
     if !header_has_token(headers, header::UPGRADE, "websocket") {
         return Err(bad(
             "missing \"Upgrade: websocket\" header: this is a WebSocket endpoint",
@@ -1494,5 +1506,14 @@ mod tests {
             status(&Method::GET, Version::HTTP_11, &GOOD[..3]),
             StatusCode::BAD_REQUEST
         );
+        for body in [("content-length", "5"), ("transfer-encoding", "chunked")] {
+            let with_body = [GOOD[0], GOOD[1], GOOD[2], GOOD[3], body];
+            let err = check_upgrade(&Method::GET, Version::HTTP_11, &headers(&with_body));
+            let err = err.unwrap_err();
+            assert_eq!(err.status(), StatusCode::BAD_REQUEST, "{body:?}");
+            assert!(err.body().contains("must not have a body"), "{err:?}");
+        }
+        let empty = [GOOD[0], GOOD[1], GOOD[2], GOOD[3], ("content-length", "0")];
+        assert!(check_upgrade(&Method::GET, Version::HTTP_11, &headers(&empty)).is_ok());
     }
 }

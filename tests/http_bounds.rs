@@ -16,6 +16,7 @@
 //!   its connection after `shutdown_timeout`;
 //! * `Server::bind` listens with a backlog that takes a burst of
 //!   connections at once (tokio's `TcpListener::bind` takes 128);
+//! * an upgrade request with a body is refused with 400, saying why.
 //!
 //! Every wait is bounded ([`within`], [`within_for`], [`wait_for`]); where a
 //! test needs time to pass (a deadline to expire), it says so, and the
@@ -680,4 +681,33 @@ async fn server_bind_takes_a_burst_of_connections_before_the_first_accept() {
         .await
         .expect("the serve task")
         .expect("serve");
+}
+
+// ---------------------------------------------------------------------------
+// A body on the upgrade request
+// ---------------------------------------------------------------------------
+
+/// An upgrade request with a body (`Content-Length` above 0, or
+/// `Transfer-Encoding`) gets 400 with a body saying why; `Content-Length: 0`
+/// is no body, and is upgraded.
+#[tokio::test]
+async fn an_upgrade_request_with_a_body_gets_400() {
+    let server = TestServer::start(echo_server()).await;
+    for (framing, body) in [
+        ("Content-Length: 5", "hello"),
+        ("Transfer-Encoding: chunked", "5\r\nhello\r\n0\r\n\r\n"),
+    ] {
+        let request = format!("{UPGRADE_HEAD}{framing}\r\n\r\n{body}");
+        let response = answer_to(server.addr(), request.as_bytes()).await;
+        let response = response.expect("an answer");
+        assert_eq!(response.status, 400, "{framing}: {response:?}");
+        assert!(
+            response.body.contains("must not have a body"),
+            "{framing}: the 400 says why: {response:?}"
+        );
+    }
+    let request = format!("{UPGRADE_HEAD}Content-Length: 0\r\n\r\n");
+    let response = answer_to(server.addr(), request.as_bytes()).await;
+    assert_eq!(response.expect("an answer").status, 101);
+    server.shutdown().await;
 }
