@@ -179,7 +179,10 @@ mod tests {
         let mut request = http::Request::new(());
         *request.uri_mut() = Uri::from_maybe_shared(at("/ws?room=lobby")).unwrap();
         let headers = request.headers_mut();
-        for (name, value) in [("origin", "https://chat.example"), ("x-big", "bbbbbbbbbbbb")] {
+        for (name, value) in [
+            ("origin", "https://chat.example"),
+            ("x-big", "bbbbbbbbbbbb"),
+        ] {
             let value = HeaderValue::from_maybe_shared(at(value)).unwrap();
             headers.append(HeaderName::from_static(name), value);
         }
@@ -187,7 +190,8 @@ mod tests {
     }
 
     fn buffer() -> Bytes {
-        let mut text = String::from("GET /ws?room=lobby HTTP/1.1\r\norigin: https://chat.example\r\n");
+        let mut text =
+            String::from("GET /ws?room=lobby HTTP/1.1\r\norigin: https://chat.example\r\n");
         text.push_str("x-big: bbbbbbbbbbbb\r\n\r\n");
         text.push_str(&"x".repeat(16 * 1024));
         Bytes::from(text)

@@ -11,9 +11,9 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -28,8 +28,8 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::Instant;
 use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
@@ -621,6 +621,10 @@ impl Server {
     /// [`Config`] (for example a larger `max_message_size` for trusted clients;
     /// frames are limited to the smaller of the two limits).
     ///
+    /// The hook sees every request header; the session then keeps only the
+    /// [`session_headers`](Self::session_headers), so check credentials
+    /// (`Cookie`, `Authorization`) here.
+    ///
     /// ```
     /// use wshub::{Rejection, Server};
     /// let server = Server::new().on_handshake(|request, _config| {
@@ -993,10 +997,8 @@ fn check_upgrade(
         .iter()
         .any(|v| v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) != Some(0));
     if has_length || headers.contains_key(header::TRANSFER_ENCODING) {
-        return Err(bad(
-            "a WebSocket upgrade request must not have a body \
-             (no Content-Length other than 0, no Transfer-Encoding)",
-        ));
+        return Err(bad("a WebSocket upgrade request must not have a body \
+             (no Content-Length other than 0, no Transfer-Encoding)"));
     }
     if !header_has_token(headers, header::UPGRADE, "websocket") {
         return Err(bad(

@@ -22,9 +22,6 @@
 //! test needs time to pass (a deadline to expire), it says so, and the
 //! assertion is on what the server did, not on the sleep.
 
-// Helpers shared by tests added one limit at a time.
-#![allow(dead_code)]
-
 mod common;
 
 use common::{WAIT, within, within_for};
@@ -93,8 +90,12 @@ async fn read_response(tcp: &mut TcpStream) -> Option<Response> {
             .lines()
             .find_map(|line| {
                 let (name, value) = line.split_once(':')?;
-                name.eq_ignore_ascii_case("content-length")
-                    .then(|| value.trim().parse::<usize>().expect("a numeric Content-Length"))
+                name.eq_ignore_ascii_case("content-length").then(|| {
+                    value
+                        .trim()
+                        .parse::<usize>()
+                        .expect("a numeric Content-Length")
+                })
             })
             .unwrap_or(0);
         let mut body = vec![0; length];
@@ -122,7 +123,10 @@ fn ensure_open_files(needed: u64) {
             .expect("raise RLIMIT_NOFILE");
     }
     let (soft, _) = getrlimit(Resource::RLIMIT_NOFILE).expect("read RLIMIT_NOFILE");
-    assert!(soft >= needed, "this test needs {needed} open files; the limit is {soft}");
+    assert!(
+        soft >= needed,
+        "this test needs {needed} open files; the limit is {soft}"
+    );
 }
 
 /// Opens a WebSocket client, retrying while the server answers 503 (a
@@ -171,6 +175,13 @@ async fn bad_request_after_bad_request_does_not_keep_a_handshake_place() {
             break;
         };
         assert_eq!(response.status, 404, "{response:?}");
+        assert!(
+            response
+                .head
+                .to_ascii_lowercase()
+                .contains("connection: close"),
+            "a refusal ends its connection: {response:?}"
+        );
         answered += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -316,7 +327,10 @@ async fn a_silent_connection_is_dropped_at_the_first_byte_deadline() {
     )
     .await;
     let took = started.elapsed();
-    assert!(answer.is_empty(), "a silent connection gets no answer: {answer:?}");
+    assert!(
+        answer.is_empty(),
+        "a silent connection gets no answer: {answer:?}"
+    );
     assert!(
         took >= first_byte - Duration::from_millis(50) && took < Duration::from_secs(2),
         "the silent connection was dropped after {took:?}: the first-byte deadline is \
@@ -350,7 +364,10 @@ const HEAD_CAP: usize = 16 * 1024;
 /// padded with an `X-Pad` header.
 fn upgrade_of_len(len: usize) -> String {
     let fixed = UPGRADE_HEAD.len() + "X-Pad: \r\n".len() + "\r\n".len();
-    assert!(len > fixed, "a head of {len} bytes cannot hold the upgrade headers");
+    assert!(
+        len > fixed,
+        "a head of {len} bytes cannot hold the upgrade headers"
+    );
     let request = format!("{UPGRADE_HEAD}X-Pad: {}\r\n\r\n", "p".repeat(len - fixed));
     assert_eq!(request.len(), len);
     request
@@ -424,9 +441,12 @@ async fn a_client_still_sending_its_oversized_head_gets_the_431() {
     let mut tcp = within("a TCP connection", socket.connect(addr))
         .await
         .expect("connect");
-    within("the whole request to be written", tcp.write_all(request.as_bytes()))
-        .await
-        .expect("the server takes the whole request rather than resetting the connection");
+    within(
+        "the whole request to be written",
+        tcp.write_all(request.as_bytes()),
+    )
+    .await
+    .expect("the server takes the whole request rather than resetting the connection");
     let response = read_response(&mut tcp).await.expect("an answer");
     assert_eq!(response.status, 431, "{response:?}");
     let mut rest = Vec::new();
@@ -477,7 +497,9 @@ async fn hook_and_session_headers(server: Server) -> (Seen, Seen) {
     );
     let response = answer_to(server.addr(), request.as_bytes()).await;
     assert_eq!(response.expect("an answer").status, 101);
-    let hook = within("the hook's report", hook_rx.recv()).await.expect("a report");
+    let hook = within("the hook's report", hook_rx.recv())
+        .await
+        .expect("a report");
     let session = within("the session's report", session_rx.recv())
         .await
         .expect("a report");
@@ -493,7 +515,10 @@ async fn a_session_keeps_only_its_session_headers() {
     let (hook, session) = hook_and_session_headers(echo_server()).await;
     let names = |seen: &Seen| seen.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
     for name in ["cookie", "origin", "user-agent", "x-big", "upgrade", "host"] {
-        assert!(names(&hook).contains(&name.to_owned()), "the hook sees {name}: {hook:?}");
+        assert!(
+            names(&hook).contains(&name.to_owned()),
+            "the hook sees {name}: {hook:?}"
+        );
     }
     assert_eq!(
         session,
@@ -632,7 +657,6 @@ async fn no_send_task_outlives_serve() {
         rest.len()
     );
 }
-
 
 // ---------------------------------------------------------------------------
 // The listen backlog
