@@ -18,8 +18,10 @@
 //!   connections at once (tokio's `TcpListener::bind` takes 128);
 //! * an upgrade request with a body is refused with 400, saying why.
 //!
-//! Every wait is bounded ([`within`], [`within_for`], [`wait_for`]); where a
-//! test needs time to pass (a deadline to expire), it says so, and the
+//! Every wait is bounded ([`within`], [`within_for`]); a condition that is
+//! polled (a 503 retried, a receive buffer filling) is retried every
+//! [`common::POLL`] within such a bound. Where a test needs time to pass
+//! (an attacker's rhythm, a deadline to expire), it says so, and the
 //! assertion is on what the server did, not on the sleep.
 
 mod common;
