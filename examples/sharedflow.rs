@@ -97,7 +97,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         });
 
-    let listener = tokio::net::TcpListener::bind(args.addr).await?;
+    // Server::bind: a listen backlog for bursts of reconnecting clients.
+    let listener = server.bind(args.addr).await?;
     tracing::info!(
         "sharedflow on ws://{}/ws (policy {}, capacity {}); /echo echoes",
         listener.local_addr()?,

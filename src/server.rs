@@ -9,27 +9,30 @@ use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::FutureExt as _;
-use http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use crate::config::Config;
 use crate::message::{CloseCode, close_reason};
@@ -129,6 +132,10 @@ impl Rejection {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        // A refused connection serves no second request (see `open`).
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
         response
     }
 }
@@ -163,7 +170,7 @@ struct Route {
 ///             }
 ///         }
 ///     });
-/// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+/// let listener = server.bind("127.0.0.1:8080").await?;
 /// server.serve(listener, async { let _ = tokio::signal::ctrl_c().await; }).await
 /// # }
 /// ```
@@ -175,10 +182,16 @@ pub struct Server {
     shutdown_timeout: Duration,
     max_connections: Option<usize>,
     max_handshakes: usize,
+    max_handshakes_per_ip: Option<usize>,
+    first_byte_timeout: Duration,
+    max_request_head: usize,
+    session_headers: Arc<[HeaderName]>,
     /// Lower-cased `Origin` values allowed to upgrade; `None` allows any.
     allowed_origins: Option<Arc<[String]>>,
     /// Sessions open or reserved by an accepted upgrade; counted per `serve`.
     live: Arc<AtomicUsize>,
+    /// The sessions' send tasks, which `serve` waits for; one per `serve`.
+    tracker: TaskTracker,
 }
 
 /// A slot among [`Server::max_connections`], held from the accepted upgrade
@@ -201,6 +214,92 @@ Content-Length: 49\r\n\
 \r\n\
 too many handshakes in progress; try again later\n";
 
+/// What a client past [`Server::max_handshakes_per_ip`] gets, as [`BUSY`].
+const BUSY_ADDRESS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+Content-Type: text/plain; charset=utf-8\r\n\
+Retry-After: 1\r\n\
+Connection: close\r\n\
+Content-Length: 67\r\n\
+\r\n\
+too many handshakes in progress from your address; try again later\n";
+
+/// The address group [`Server::max_handshakes_per_ip`] counts a client in:
+/// its IPv4 address (an IPv4-mapped IPv6 address is its IPv4 address), or
+/// the /64 of its IPv6 address, since one host usually holds a whole /64.
+fn address_group(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        },
+    }
+}
+
+/// Connections in their HTTP phase per address group, for one `serve`.
+struct PerIp {
+    max: usize,
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerIp {
+    /// Takes a place for `peer`'s address group, if it has one left.
+    fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<IpPlace> {
+        let group = address_group(peer);
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(group).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(IpPlace {
+            table: self.clone(),
+            group,
+        })
+    }
+}
+
+/// A place among [`Server::max_handshakes_per_ip`], given back on drop.
+struct IpPlace {
+    table: Arc<PerIp>,
+    group: IpAddr,
+}
+
+impl Drop for IpPlace {
+    fn drop(&mut self) {
+        let mut counts = self.table.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.group) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.group);
+            }
+        }
+    }
+}
+
+/// A connection's places among the handshake limits, held for its HTTP phase.
+struct Admission {
+    _handshake: OwnedSemaphorePermit,
+    _address: Option<IpPlace>,
+}
+
+/// Admits a new connection to its HTTP phase, or says which 503 it gets.
+fn admit(
+    handshakes: &Arc<Semaphore>,
+    per_ip: Option<&Arc<PerIp>>,
+    peer: SocketAddr,
+) -> Result<Admission, &'static [u8]> {
+    let handshake = handshakes.clone().try_acquire_owned().map_err(|_| BUSY)?;
+    let address = match per_ip {
+        Some(table) => Some(table.admit(peer.ip()).ok_or(BUSY_ADDRESS)?),
+        None => None,
+    };
+    Ok(Admission {
+        _handshake: handshake,
+        _address: address,
+    })
+}
+
 impl Default for Server {
     fn default() -> Self {
         Self::new()
@@ -218,6 +317,10 @@ impl fmt::Debug for Server {
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("max_connections", &self.max_connections)
             .field("max_handshakes", &self.max_handshakes)
+            .field("max_handshakes_per_ip", &self.max_handshakes_per_ip)
+            .field("first_byte_timeout", &self.first_byte_timeout)
+            .field("max_request_head", &self.max_request_head)
+            .field("session_headers", &self.session_headers)
             .field("allowed_origins", &self.allowed_origins)
             .finish()
     }
@@ -243,6 +346,19 @@ fn tune(tcp: &tokio::net::TcpStream) {
 }
 
 impl Server {
+    /// The request headers a session keeps by default (see
+    /// [`session_headers`](Self::session_headers)): who the client says it
+    /// is and where it connected from, without credentials.
+    pub const DEFAULT_SESSION_HEADERS: [HeaderName; 7] = [
+        header::HOST,
+        header::ORIGIN,
+        header::USER_AGENT,
+        header::SEC_WEBSOCKET_PROTOCOL,
+        header::FORWARDED,
+        HeaderName::from_static("x-forwarded-for"),
+        HeaderName::from_static("x-real-ip"),
+    ];
+
     /// A server with no routes and [`Config::default`].
     pub fn new() -> Server {
         Server {
@@ -252,8 +368,13 @@ impl Server {
             shutdown_timeout: Duration::from_secs(10),
             max_connections: Some(10_000),
             max_handshakes: 1024,
+            max_handshakes_per_ip: Some(64),
+            first_byte_timeout: Duration::from_secs(3),
+            max_request_head: 16 * 1024,
+            session_headers: Server::DEFAULT_SESSION_HEADERS.into(),
             allowed_origins: None,
             live: Arc::default(),
+            tracker: TaskTracker::new(),
         }
     }
 
@@ -312,15 +433,134 @@ impl Server {
     /// taken as 1).
     ///
     /// A connection accepted beyond it gets `503 Service Unavailable`
-    /// straight away and is closed, without its request being read. Together
-    /// with [`Config::handshake_timeout`] this bounds what clients that open
-    /// connections and send nothing (slowloris) can hold; open sessions are
-    /// not affected.
+    /// straight away and is closed, without its request being read. A
+    /// connection holds its place from accept until its upgrade is handed to
+    /// the session, or until it is refused, and never longer than
+    /// [`Config::handshake_timeout`], which is one deadline for the whole
+    /// HTTP phase (the TLS handshake included): a client cannot renew it by
+    /// sending request after request, since a refused request ends its
+    /// connection. Together they bound what clients that open connections
+    /// and send nothing or little (slowloris) can hold; open sessions are not
+    /// affected.
     ///
     /// Default: 1,024.
     #[must_use]
     pub fn max_handshakes(mut self, max: usize) -> Server {
         self.max_handshakes = max.max(1);
+        self
+    }
+
+    /// The most connections from one client address still in their HTTP
+    /// handshake at once; `None` for no limit (`Some(0)` is taken as 1).
+    ///
+    /// A connection accepted beyond it gets the same `503 Service
+    /// Unavailable` (`Retry-After: 1`) at once as one beyond
+    /// [`max_handshakes`](Self::max_handshakes), and is closed; its body says
+    /// the limit is per address. Without it one address could take every
+    /// handshake place and lock everyone else out until its connections time
+    /// out. Addresses are counted the way a client holds them: an IPv4
+    /// address on its own (an IPv4-mapped IPv6 address as that IPv4
+    /// address), an IPv6 address together with the rest of its /64, since a
+    /// single host usually has a whole /64 to pick from.
+    ///
+    /// Default: 64. A handshake takes about one round trip, so even many
+    /// users behind one NAT rarely have more than a few in progress at once.
+    /// **Behind a reverse proxy or load balancer every client has the
+    /// proxy's address**: there this limit caps the whole server at 64
+    /// handshakes in progress; set `None` and limit per client in the proxy.
+    ///
+    /// ```
+    /// // Directly on the internet: keep a limit, a tighter one here.
+    /// let server = wshub::Server::new().max_handshakes_per_ip(Some(16));
+    /// // Behind nginx, which connects from 127.0.0.1 for everyone.
+    /// let proxied = wshub::Server::new().max_handshakes_per_ip(None);
+    /// ```
+    #[must_use]
+    pub fn max_handshakes_per_ip(mut self, max: Option<usize>) -> Server {
+        self.max_handshakes_per_ip = max.map(|max| max.max(1));
+        self
+    }
+
+    /// How long a new connection may stay silent: one that has sent no byte
+    /// at all (no request, no TLS hello) this long after it was accepted is
+    /// closed without an answer. Capped by [`Config::handshake_timeout`],
+    /// which still bounds the rest of the handshake.
+    ///
+    /// A real client sends its first bytes as soon as it is connected, so
+    /// this can be much shorter than the whole handshake's deadline, and the
+    /// handshake places of connections that send nothing are freed sooner.
+    ///
+    /// Default: 3 s. Shorter frees those places sooner; longer is kinder to
+    /// networks that lose the first packet (TCP resends it after 1 s, then
+    /// 2 s more).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let server = wshub::Server::new().first_byte_timeout(Duration::from_secs(1));
+    /// ```
+    #[must_use]
+    pub fn first_byte_timeout(mut self, timeout: Duration) -> Server {
+        self.first_byte_timeout = timeout;
+        self
+    }
+
+    /// The largest request head (request line and headers) a client may
+    /// send, in bytes. A longer one is answered `431 Request Header Fields
+    /// Too Large` and the connection closed. The head is measured as
+    /// clients usually write it (`Name: value`, CRLF line ends).
+    ///
+    /// hyper reads the head into a buffer of this size (at least 8 KiB, its
+    /// floor) and answers 431 itself, without a body, when the buffer fills
+    /// before the head ends; a longer head that happened to fit into one
+    /// read is caught once parsed and answered 431 with a body saying so.
+    /// Either way, the refused client's extra bytes are read and discarded
+    /// for a moment before the connection closes, so that it gets the 431
+    /// rather than a reset while it is still sending.
+    ///
+    /// Default: 16 KiB, room for a browser with a large cookie jar (many
+    /// servers allow 8 to 16 KiB). A handshake costs up to this much memory
+    /// while it lasts; hyper's own default is about 400 KiB.
+    ///
+    /// ```
+    /// let server = wshub::Server::new().max_request_head(32 * 1024);
+    /// ```
+    #[must_use]
+    pub fn max_request_head(mut self, bytes: usize) -> Server {
+        self.max_request_head = bytes;
+        self
+    }
+
+    /// The request headers a session keeps, in
+    /// [`Session::request`](crate::Session::request), once the upgrade is
+    /// accepted; the [handshake hook](Self::on_handshake) sees them all.
+    ///
+    /// A session lives long and a request head may be up to
+    /// [`max_request_head`](Self::max_request_head): so that what a session
+    /// holds does not grow with whatever headers a client adds, it keeps its
+    /// method, URI and peer address and only these headers, copied into a
+    /// buffer of exactly their size; the rest is freed with the handshake.
+    ///
+    /// Default: [`DEFAULT_SESSION_HEADERS`](Self::DEFAULT_SESSION_HEADERS):
+    /// `Host`, `Origin`, `User-Agent`, `Sec-WebSocket-Protocol`,
+    /// `Forwarded`, `X-Forwarded-For` and `X-Real-IP`, typically a few
+    /// hundred bytes. Credentials (`Cookie`, `Authorization`) are not kept:
+    /// check them in the hook. Each header you add costs every session its
+    /// size for the session's whole life.
+    ///
+    /// ```
+    /// use http::HeaderName;
+    /// use wshub::Server;
+    ///
+    /// // The default set and the user id an authenticating proxy adds.
+    /// let server = Server::new().session_headers(
+    ///     Server::DEFAULT_SESSION_HEADERS
+    ///         .into_iter()
+    ///         .chain([HeaderName::from_static("x-user-id")]),
+    /// );
+    /// ```
+    #[must_use]
+    pub fn session_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Server {
+        self.session_headers = names.into_iter().collect();
         self
     }
 
@@ -400,6 +640,10 @@ impl Server {
     /// [`Config`] (for example a larger `max_message_size` for trusted clients;
     /// frames are limited to the smaller of the two limits).
     ///
+    /// The hook sees every request header; the session then keeps only the
+    /// [`session_headers`](Self::session_headers), so check credentials
+    /// (`Cookie`, `Authorization`) here.
+    ///
     /// ```
     /// use wshub::{Rejection, Server};
     /// let server = Server::new().on_handshake(|request, _config| {
@@ -429,12 +673,64 @@ impl Server {
         self
     }
 
+    /// Binds a TCP listener on `addr` for [`serve`](Self::serve) or
+    /// `serve_tls`, with a listen backlog sized for this server.
+    ///
+    /// The backlog holds connections the kernel has completed but the
+    /// server has not yet accepted. tokio's `TcpListener::bind` asks for
+    /// 128, as the standard library does: in a burst of connections (many
+    /// clients reconnecting at once after a restart) those beyond it have
+    /// their SYN dropped and wait a second for the retransmission, though
+    /// the server could take them at once. This asks for
+    /// max(1,024, [`max_handshakes`](Self::max_handshakes)), so call it
+    /// after setting that; the kernel caps it at `net.core.somaxconn` (4,096
+    /// on Linux since 5.4, 128 before). On Unix it sets `SO_REUSEADDR`, as
+    /// `TcpListener::bind` does, so a restarted server can bind its port
+    /// while old connections linger in `TIME_WAIT`. Like
+    /// `TcpListener::bind`, it tries each address `addr` resolves to until
+    /// one binds.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> std::io::Result<()> {
+    /// let server = wshub::Server::new().route("/ws", |session| async move { drop(session) });
+    /// let listener = server.bind("0.0.0.0:8080").await?;
+    /// server.serve(listener, std::future::pending()).await
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As `TcpListener::bind`: the address does not resolve, or no address
+    /// it resolves to can be bound (in use, not allowed).
+    pub async fn bind(&self, addr: impl tokio::net::ToSocketAddrs) -> io::Result<TcpListener> {
+        let backlog = u32::try_from(self.max_handshakes.max(1024)).unwrap_or(u32::MAX);
+        let mut failure = None;
+        for addr in tokio::net::lookup_host(addr).await? {
+            match listen(addr, backlog) {
+                Ok(listener) => return Ok(listener),
+                Err(err) => failure = Some(err),
+            }
+        }
+        Err(failure.unwrap_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the address did not resolve to any socket address",
+            )
+        }))
+    }
+
     /// Serves connections from `listener` until `shutdown` completes.
+    ///
+    /// Bind the listener with [`bind`](Self::bind), which gives it a listen
+    /// backlog for bursts of connections.
     ///
     /// Then it stops accepting, sends every session a Close frame with 1001
     /// (Going Away) after the hub messages already buffered for it, waits for
     /// every connection task to end (up to the [shutdown
-    /// timeout](Self::shutdown_timeout), then aborts the rest), and returns.
+    /// timeout](Self::shutdown_timeout), then aborts the rest, each
+    /// session's send task with its connection), and returns once no task
+    /// of the server is left: no session writes to its client after that.
+    /// Tasks a handler spawned itself are its own.
     ///
     /// # Errors
     ///
@@ -451,12 +747,13 @@ impl Server {
     /// Serves `wss://` connections from `listener` until `shutdown`
     /// completes, as [`serve`](Self::serve) does `ws://` (the `tls` feature).
     ///
-    /// Each connection's TLS handshake runs in its own task, counts among
-    /// [`max_handshakes`](Self::max_handshakes) and must finish within
-    /// [`Config::handshake_timeout`]; the HTTP request then gets the same
-    /// time again. A client that fails the TLS handshake is dropped (logged at
-    /// debug level), and a connection past `max_handshakes` is closed without
-    /// an answer, since a plain-text 503 means nothing inside TLS.
+    /// Each connection's TLS handshake runs in its own task and counts among
+    /// [`max_handshakes`](Self::max_handshakes). [`Config::handshake_timeout`]
+    /// covers the TLS handshake and the HTTP request together, from accept to
+    /// the upgrade: it is one deadline, not one for each. A client that fails
+    /// the TLS handshake is dropped (logged at debug level), and a connection
+    /// past `max_handshakes` is closed without an answer, since a plain-text
+    /// 503 means nothing inside TLS.
     ///
     /// Build the acceptor from a rustls `ServerConfig`; wshub re-exports
     /// [`tokio_rustls`](crate::tokio_rustls) so the versions match:
@@ -473,7 +770,7 @@ impl Server {
     ///     .with_no_client_auth()
     ///     .with_single_cert(certs, key)?;
     /// let server = wshub::Server::new().route("/ws", |session| async move { drop(session) });
-    /// let listener = tokio::net::TcpListener::bind("0.0.0.0:443").await?;
+    /// let listener = server.bind("0.0.0.0:443").await?;
     /// server
     ///     .serve_tls(listener, TlsAcceptor::from(Arc::new(tls)), std::future::pending())
     ///     .await?;
@@ -502,7 +799,14 @@ impl Server {
     ) -> io::Result<()> {
         let mut app = self;
         app.live = Arc::default();
+        app.tracker = TaskTracker::new();
         let handshakes = Arc::new(Semaphore::new(app.max_handshakes));
+        let per_ip = app.max_handshakes_per_ip.map(|max| {
+            Arc::new(PerIp {
+                max,
+                counts: Mutex::default(),
+            })
+        });
         let app = Arc::new(app);
         let stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -516,22 +820,23 @@ impl Server {
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         tune(&tcp);
-                        match handshakes.clone().try_acquire_owned() {
-                            Ok(permit) => {
+                        match admit(&handshakes, per_ip.as_ref(), peer) {
+                            Ok(admission) => {
                                 tasks.spawn(connection(
                                     tcp,
                                     peer,
                                     app.clone(),
                                     stop.clone(),
-                                    permit,
+                                    admission,
                                     encryption.clone(),
+                                    Instant::now(),
                                 ));
                             }
-                            Err(_) => {
+                            Err(busy) => {
                                 tracing::debug!(%peer, "too many handshakes in progress: 503");
                                 if matches!(encryption, Encryption::None) {
                                     // Best effort: the answer fits any socket buffer.
-                                    let _ = tcp.try_write(BUSY);
+                                    let _ = tcp.try_write(busy);
                                 }
                             }
                         }
@@ -556,6 +861,11 @@ impl Server {
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
         }
+        // Every connection task has ended, and each took its send task with
+        // it (awaited, or aborted on drop): wait until the last one is gone,
+        // so that nothing of this server runs once `serve` returns.
+        app.tracker.close();
+        app.tracker.wait().await;
         Ok(())
     }
 
@@ -597,6 +907,16 @@ impl Server {
         mut req: http::Request<Incoming>,
         peer: SocketAddr,
     ) -> Result<(http::Response<Full<Bytes>>, Upgrade), Rejection> {
+        let head = head_len(&req);
+        if head > self.max_request_head {
+            return Err(Rejection::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                format!(
+                    "request head of at least {head} bytes: this server takes at most {} bytes",
+                    self.max_request_head
+                ),
+            ));
+        }
         let Some(route) = self.routes.get(req.uri().path()).cloned() else {
             return Err(Rejection::new(
                 StatusCode::NOT_FOUND,
@@ -606,12 +926,15 @@ impl Server {
         let accept = check_upgrade(req.method(), req.version(), req.headers())?;
         self.check_origin(req.headers())?;
         let on_upgrade = hyper::upgrade::on(&mut req);
-        let request = Request::new(req, Some(peer));
+        let (parts, _body) = req.into_parts();
+        let request = Request::borrowed(parts, peer);
         let mut config = route.config.clone().unwrap_or_else(|| self.config.clone());
         if let Some(hook) = &self.hook {
             hook(&request, &mut config)?;
         }
         let slot = self.reserve()?;
+        // What the session keeps does not grow with what the client sent.
+        let request = request.keeping(&self.session_headers);
         let mut response = http::Response::new(Full::new(Bytes::new()));
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         let headers = response.headers_mut();
@@ -640,6 +963,38 @@ struct Upgrade {
     slot: Slot,
 }
 
+/// A listening socket on `addr` with `backlog`, for [`Server::bind`].
+fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // On Windows SO_REUSEADDR would let another socket take the port over.
+    #[cfg(not(windows))]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+/// The size of `req`'s head as clients write it: the request line, each
+/// header as `Name: value` with CRLF line ends, and the blank line. That is
+/// the exact size on the wire for the usual spelling; a client that leaves
+/// out optional spaces or sends bare LFs is counted a few bytes more.
+fn head_len<B>(req: &http::Request<B>) -> usize {
+    let uri = req.uri();
+    let target = uri.scheme_str().map_or(0, |s| s.len() + "://".len())
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |p| p.as_str().len());
+    let line = req.method().as_str().len() + " ".len() + target + " HTTP/1.1\r\n".len();
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + ": ".len() + value.len() + "\r\n".len())
+        .sum();
+    line + headers + "\r\n".len()
+}
+
 /// Checks an upgrade request against RFC 6455 §4.2.1 and returns the
 /// `Sec-WebSocket-Accept` value.
 fn check_upgrade(
@@ -653,6 +1008,16 @@ fn check_upgrade(
     }
     if version < Version::HTTP_11 {
         return Err(bad("a WebSocket upgrade needs HTTP/1.1"));
+    }
+    // RFC 6455 §4.1: the opening handshake is a GET; a body has no meaning
+    // there, and its bytes would be read as the first WebSocket frames.
+    let has_length = headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .any(|v| v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) != Some(0));
+    if has_length || headers.contains_key(header::TRANSFER_ENCODING) {
+        return Err(bad("a WebSocket upgrade request must not have a body \
+             (no Content-Length other than 0, no Transfer-Encoding)"));
     }
     if !header_has_token(headers, header::UPGRADE, "websocket") {
         return Err(bad(
@@ -708,7 +1073,7 @@ where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let peer = SocketAddr::from(([127, 0, 0, 1], 9));
-    let Ok(permit) = Arc::new(Semaphore::new(1)).try_acquire_owned() else {
+    let Ok(admission) = admit(&Arc::new(Semaphore::new(1)), None, peer) else {
         return;
     };
     let app = Arc::new(server);
@@ -717,10 +1082,172 @@ where
         peer,
         app,
         CancellationToken::new(),
-        permit,
+        admission,
         Encryption::None,
+        Instant::now(),
     )
     .await;
+}
+
+/// The smallest read buffer hyper accepts (`http1::Builder::max_buf_size`).
+const HYPER_MIN_BUF: usize = 8192;
+
+/// How long a refused connection's incoming bytes are read and discarded
+/// after the refusal, at most, before the socket is closed.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// How many of them, at most.
+const LINGER_BYTES: usize = 1 << 20;
+
+/// What a connection's task learns from its socket during the HTTP phase.
+#[derive(Debug, Default)]
+struct Watch {
+    /// The client has sent at least one byte.
+    heard: AtomicBool,
+    /// The upgrade is accepted: from now on the socket is the session's.
+    upgraded: AtomicBool,
+}
+
+impl Watch {
+    fn heard(&self) -> bool {
+        self.heard.load(Ordering::Acquire)
+    }
+
+    fn upgraded(&self) -> bool {
+        self.upgraded.load(Ordering::Acquire)
+    }
+}
+
+/// The socket under TLS and HTTP. It tells the connection task when the
+/// first byte arrives (for [`Server::first_byte_timeout`]), and while the
+/// connection is still HTTP it closes gracefully: when hyper shuts it down
+/// after a refusal, the client's unread bytes are drained first, since
+/// closing a socket with unread input sends a reset, and a client still
+/// sending would lose the refusal to it.
+struct Watched<IO> {
+    io: IO,
+    /// Shared with the connection task; let go once the session has the socket.
+    watch: Option<Arc<Watch>>,
+    /// Set once a shutdown in the HTTP phase has begun draining.
+    linger: Option<Box<Linger>>,
+}
+
+/// A graceful close in progress: [`LINGER`] and [`LINGER_BYTES`] at most.
+struct Linger {
+    until: Pin<Box<tokio::time::Sleep>>,
+    drained: usize,
+}
+
+impl<IO> Watched<IO> {
+    fn new(io: IO) -> (Watched<IO>, Arc<Watch>) {
+        let watch = Arc::new(Watch::default());
+        let watched = Watched {
+            io,
+            watch: Some(watch.clone()),
+            linger: None,
+        };
+        (watched, watch)
+    }
+
+    /// Lets go of the watch once the session owns the socket.
+    fn release_if_upgraded(&mut self) {
+        if self.watch.as_ref().is_some_and(|w| w.upgraded()) {
+            self.watch = None;
+        }
+    }
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if let Some(watch) = &this.watch {
+            if buf.filled().len() > before && !watch.heard() {
+                watch.heard.store(true, Ordering::Release);
+            }
+            this.release_if_upgraded();
+        }
+        polled
+    }
+}
+
+impl<IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Watched<IO> {
+    /// Shuts down the sending side, then reads and discards what the client
+    /// still sends until it closes, for [`LINGER`] or [`LINGER_BYTES`] at
+    /// most (and within the handshake's deadline, which bounds it all).
+    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.linger.is_none() {
+            std::task::ready!(Pin::new(&mut self.io).poll_shutdown(cx))?;
+            self.linger = Some(Box::new(Linger {
+                until: Box::pin(tokio::time::sleep(LINGER)),
+                drained: 0,
+            }));
+        }
+        let Some(linger) = self.linger.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let mut scratch = [0u8; 4096];
+        loop {
+            if linger.until.as_mut().poll(cx).is_ready() || linger.drained > LINGER_BYTES {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = tokio::io::ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => linger.drained += buf.filled().len(),
+                // The client is gone: nothing left to protect.
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl<IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite
+    for Watched<IO>
+{
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.release_if_upgraded();
+        Pin::new(&mut this.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.release_if_upgraded();
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.release_if_upgraded();
+        if this.linger.is_some() || this.watch.is_some() {
+            this.poll_linger(cx)
+        } else {
+            Pin::new(&mut this.io).poll_shutdown(cx)
+        }
+    }
 }
 
 /// What runs between TCP and HTTP.
@@ -731,46 +1258,64 @@ enum Encryption {
     Tls(tokio_rustls::TlsAcceptor),
 }
 
+/// What the HTTP phase hands to the session phase: the session, its send
+/// task, its route's handler and its place among `max_connections`.
+type Opened = (Session, JoinHandle<()>, Handler, Slot);
+
 /// One TCP connection: TLS if configured, HTTP until an upgrade, then the
 /// WebSocket session.
+///
+/// The whole HTTP phase (TLS handshake included) has one deadline,
+/// [`Config::handshake_timeout`] from `accepted`: neither a slow TLS
+/// handshake followed by a slow request nor a client that keeps sending
+/// requests can hold its handshake place for longer.
 async fn connection<IO>(
     io: IO,
     peer: SocketAddr,
     app: Arc<Server>,
     stop: CancellationToken,
-    handshake: OwnedSemaphorePermit,
+    admission: Admission,
     encryption: Encryption,
+    accepted: Instant,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let deadline = accepted + app.config.handshake_timeout;
+    let first_byte = accepted + app.first_byte_timeout.min(app.config.handshake_timeout);
+    let (io, watch) = Watched::new(io);
     // The handshake's state is large and short-lived: boxed, it is freed at
     // the upgrade, and the task that lives as long as the session stays small.
-    let opened = match encryption {
-        Encryption::None => Box::pin(open(io, peer, app, &stop)).await,
-        #[cfg(feature = "tls")]
-        Encryption::Tls(acceptor) => {
-            let limit = app.config.handshake_timeout;
-            let tls = tokio::select! {
-                tls = tokio::time::timeout(limit, acceptor.accept(io)) => tls,
-                _ = stop.cancelled() => return,
-            };
-            match tls {
-                Ok(Ok(tls)) => Box::pin(open(tls, peer, app, &stop)).await,
-                Ok(Err(err)) => {
-                    tracing::debug!(%peer, error = %err, "TLS handshake failed");
-                    return;
+    let mut phase = Box::pin(http_phase(io, peer, app.clone(), encryption, watch.clone()));
+    // One timer: the first-byte deadline, then the whole phase's.
+    let timer = tokio::time::sleep_until(first_byte);
+    tokio::pin!(timer);
+    let mut awaiting_first_byte = first_byte < deadline;
+    let opened = loop {
+        tokio::select! {
+            opened = &mut phase => break opened,
+            () = &mut timer => {
+                if awaiting_first_byte && watch.heard() {
+                    awaiting_first_byte = false;
+                    timer.as_mut().reset(deadline);
+                    continue;
                 }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
+                if awaiting_first_byte {
+                    tracing::debug!(%peer, "no byte before the first-byte deadline");
+                } else {
+                    tracing::debug!(%peer, "handshake timed out");
                 }
+                break None;
             }
+            () = stop.cancelled() => break None,
         }
     };
-    drop(handshake);
+    drop(phase);
+    drop(admission);
     let Some((session, send_task, handler, _slot)) = opened else {
         return;
     };
+    // If this task is aborted (shutdown_timeout), the send task goes with it.
+    let send_task = AbortOnDropHandle::new(send_task);
     let out = session.outgoing();
     let _guard = out.kill_on_drop();
     let id = session.id();
@@ -796,14 +1341,34 @@ async fn connection<IO>(
     tracing::debug!(session = id, reason = ?out.close_reason(), "session closed");
 }
 
-/// Serves the HTTP request on `io` and, once upgraded, starts the session:
-/// returns it with its send task and its route's handler.
-async fn open<IO>(
+/// The HTTP phase of a connection: the TLS handshake if any, then the
+/// request, up to the upgrade. Bounded by the caller.
+async fn http_phase<IO>(
     io: IO,
     peer: SocketAddr,
     app: Arc<Server>,
-    stop: &CancellationToken,
-) -> Option<(Session, JoinHandle<()>, Handler, Slot)>
+    encryption: Encryption,
+    watch: Arc<Watch>,
+) -> Option<Opened>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    match encryption {
+        Encryption::None => open(io, peer, app, watch).await,
+        #[cfg(feature = "tls")]
+        Encryption::Tls(acceptor) => match acceptor.accept(io).await {
+            Ok(tls) => open(tls, peer, app, watch).await,
+            Err(err) => {
+                tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                None
+            }
+        },
+    }
+}
+
+/// Serves the HTTP request on `io` and, once upgraded, starts the session:
+/// returns it with its send task and its route's handler.
+async fn open<IO>(io: IO, peer: SocketAddr, app: Arc<Server>, watch: Arc<Watch>) -> Option<Opened>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -825,20 +1390,27 @@ where
             async move { Ok::<_, Infallible>(response) }
         })
     };
+    // One request per connection: every refusal carries `Connection: close`
+    // (see `Rejection::into_response`), so hyper ends the connection after
+    // it. A WebSocket endpoint has nothing to serve on a connection whose
+    // first request was refused; the client opens a new one to retry, as
+    // browsers do. With keep-alive, a client could hold its handshake place
+    // by sending one bad request after another (hyper restarts its
+    // header-read timeout for each). hyper's own `keep_alive(false)` is not
+    // used because it also adds `close` to the 101's `Connection: upgrade`,
+    // which clients reject. The caller's deadline bounds the whole phase, so
+    // hyper needs no timer of its own.
     let http = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(app.config.handshake_timeout)
+        .header_read_timeout(None)
+        .max_buf_size(app.max_request_head.max(HYPER_MIN_BUF))
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
-    tokio::select! {
-        result = http => {
-            if let Err(err) = result {
-                tracing::debug!(%peer, error = %err, "HTTP connection failed");
-            }
-        }
-        _ = stop.cancelled() => return None,
+    if let Err(err) = http.await {
+        tracing::debug!(%peer, error = %err, "HTTP connection failed");
     }
     let accepted = upgrade.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+    // hyper is done with the socket; a shutdown from now on is the session's.
+    watch.upgraded.store(true, Ordering::Release);
     let upgraded = match accepted.on_upgrade.await {
         Ok(upgraded) => upgraded,
         Err(err) => {
@@ -853,6 +1425,7 @@ where
             request: accepted.request,
             raw: accepted.route.raw,
             managed: true,
+            tracker: Some(app.tracker.clone()),
         },
     )
     .await;
@@ -882,6 +1455,32 @@ mod tests {
         ("sec-websocket-version", "13"),
         ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
     ];
+
+    #[test]
+    fn busy_answers_carry_their_body_length() {
+        for answer in [BUSY, BUSY_ADDRESS] {
+            let text = std::str::from_utf8(answer).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            let length = head
+                .lines()
+                .find_map(|line| line.strip_prefix("Content-Length: "))
+                .unwrap();
+            assert_eq!(length.parse::<usize>().unwrap(), body.len(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn addresses_are_grouped_by_ipv4_address_and_ipv6_slash_64() {
+        let group = |text: &str| address_group(text.parse().unwrap());
+        assert_eq!(group("203.0.113.7"), group("203.0.113.7"));
+        assert_ne!(group("203.0.113.7"), group("203.0.113.8"));
+        assert_eq!(group("2001:db8:1:2:aaaa::1"), group("2001:db8:1:2:bbbb::9"));
+        assert_ne!(group("2001:db8:1:2::1"), group("2001:db8:1:3::1"));
+        // On a dual-stack listener IPv4 clients arrive IPv4-mapped: each is
+        // its own group, not all of them one /64.
+        assert_eq!(group("::ffff:203.0.113.7"), group("203.0.113.7"));
+        assert_ne!(group("::ffff:203.0.113.7"), group("::ffff:203.0.113.8"));
+    }
 
     #[test]
     fn accepts_the_rfc_example_key() {
@@ -928,5 +1527,14 @@ mod tests {
             status(&Method::GET, Version::HTTP_11, &GOOD[..3]),
             StatusCode::BAD_REQUEST
         );
+        for body in [("content-length", "5"), ("transfer-encoding", "chunked")] {
+            let with_body = [GOOD[0], GOOD[1], GOOD[2], GOOD[3], body];
+            let err = check_upgrade(&Method::GET, Version::HTTP_11, &headers(&with_body));
+            let err = err.unwrap_err();
+            assert_eq!(err.status(), StatusCode::BAD_REQUEST, "{body:?}");
+            assert!(err.body().contains("must not have a body"), "{err:?}");
+        }
+        let empty = [GOOD[0], GOOD[1], GOOD[2], GOOD[3], ("content-length", "0")];
+        assert!(check_upgrade(&Method::GET, Version::HTTP_11, &headers(&empty)).is_ok());
     }
 }

@@ -415,6 +415,8 @@ pub(crate) struct Setup {
     pub(crate) raw: bool,
     /// The server closes the session when the handler returns (1000, or 1011 on error).
     pub(crate) managed: bool,
+    /// Spawns the send task where the server can wait for it; `tokio::spawn` if `None`.
+    pub(crate) tracker: Option<tokio_util::task::TaskTracker>,
 }
 
 impl Session {
@@ -441,6 +443,7 @@ impl Session {
             request,
             raw: false,
             managed: false,
+            tracker: None,
         };
         Session::start_upgraded(io, setup).await.0
     }
@@ -497,7 +500,10 @@ impl Session {
                 .idle_timeout
                 .map(|timeout| Box::new(Idle::new(timeout))),
         };
-        let handle = tokio::spawn(task.run());
+        let handle = match &setup.tracker {
+            Some(tracker) => tracker.spawn(task.run()),
+            None => tokio::spawn(task.run()),
+        };
         let session = Session {
             reader: Some(reader),
             out: Outgoing { shared },

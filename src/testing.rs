@@ -30,7 +30,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -56,7 +56,8 @@ impl TestServer {
     ///
     /// If the loopback listener cannot be bound.
     pub async fn start(server: Server) -> TestServer {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        let listener = server
+            .bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0 for the test server");
         let addr = listener

@@ -642,7 +642,12 @@ struct Seen {
 #[tokio::test]
 async fn handler_sees_path_query_headers_and_peer_address() {
     let (tx, mut reports) = unbounded_channel();
-    let server = Server::new().route("/info", move |session: Session| {
+    // A session keeps only the headers named here (the hook sees them all).
+    let keep = Server::DEFAULT_SESSION_HEADERS
+        .into_iter()
+        .chain([http::HeaderName::from_static("x-client")]);
+    let server = Server::new().session_headers(keep);
+    let server = server.route("/info", move |session: Session| {
         let request = session.request();
         let _ = tx.send(Seen {
             path: request.path().to_owned(),

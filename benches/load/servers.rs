@@ -137,9 +137,12 @@ async fn listen() -> std::io::Result<TcpListener> {
 }
 
 async fn serve_wshub(listener: TcpListener, hub: Hub) {
-    // The benchmark holds up to the open-file limit (about 20,000) sessions.
+    // The benchmark holds up to the open-file limit (about 20,000) sessions,
+    // and has up to 200 handshakes in flight from one 127.N.0.x address,
+    // more than the default max_handshakes_per_ip (64) allows one address.
     let server = Server::new()
         .max_connections(None)
+        .max_handshakes_per_ip(None)
         .route("/ws", move |mut session| {
             let hub = hub.clone();
             async move {
