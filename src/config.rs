@@ -339,6 +339,20 @@ pub struct HubConfig {
     pub capacity: usize,
     /// What happens when the buffer is full. Default: [`Policy::Suspend`].
     pub policy: Policy,
+    /// The most payload bytes the buffer holds; `None` for no bound beyond
+    /// `capacity` messages.
+    ///
+    /// Default: 64 MiB. A publish that would take the buffer past it is
+    /// treated like one into a full buffer, under the same policy:
+    /// `Suspend` waits until the slowest subscriber has taken enough,
+    /// `DropLatest` discards the new message, `DropOldest` and `Disconnect`
+    /// evict the oldest messages until it fits. A single message larger
+    /// than the bound is let in once the buffer is empty. With small
+    /// messages the bound never acts (1,024 messages of 64 KiB fill it);
+    /// it is what keeps a hub whose clients may send 16 MiB messages from
+    /// holding 16 GiB. Raise it for hubs that carry large files, at that
+    /// cost in memory.
+    pub max_bytes: Option<usize>,
     /// Under [`Policy::Suspend`], how long one subscriber may keep the
     /// buffer full (a whole `capacity` of messages it has not taken, so every
     /// publisher waits for it) while other subscribers keep up, before its
@@ -374,6 +388,7 @@ impl Default for HubConfig {
         Self {
             capacity: 1024,
             policy: Policy::Suspend,
+            max_bytes: Some(64 << 20),
             stall_timeout: Duration::from_secs(5),
             lag_notice: None,
         }
@@ -385,6 +400,7 @@ impl fmt::Debug for HubConfig {
         f.debug_struct("HubConfig")
             .field("capacity", &self.capacity)
             .field("policy", &self.policy)
+            .field("max_bytes", &self.max_bytes)
             .field("stall_timeout", &self.stall_timeout)
             .field(
                 "lag_notice",
@@ -413,6 +429,18 @@ impl HubConfig {
     #[must_use]
     pub fn policy(mut self, policy: Policy) -> Self {
         self.policy = policy;
+        self
+    }
+
+    /// Sets [`max_bytes`](Self::max_bytes).
+    ///
+    /// ```
+    /// let config = wshub::HubConfig::default().max_bytes(Some(8 << 20));
+    /// assert_eq!(config.max_bytes, Some(8 << 20));
+    /// ```
+    #[must_use]
+    pub fn max_bytes(mut self, bytes: Option<usize>) -> Self {
+        self.max_bytes = bytes;
         self
     }
 

@@ -4,9 +4,10 @@
 //! reference-counted payload. The hub keeps no list of sessions; it only owns
 //! the channel, the policy and the counters.
 
+use std::collections::VecDeque;
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 
 use async_broadcast::{InactiveReceiver, Receiver, Sender, TryRecvError as BTryRecvError};
 use serde::Serialize;
@@ -43,11 +44,54 @@ pub struct Hub {
 
 struct Shared {
     tx: Sender<Message>,
+    /// The payload bytes the buffer holds, when [`HubConfig::max_bytes`]
+    /// bounds them.
+    budget: Option<Mutex<Budget>>,
+    /// The channel's capacity now: [`HubConfig::capacity`], or fewer
+    /// messages while the byte bound holds it lower.
+    capacity: AtomicUsize,
     // Kept so the channel stays open with no subscribers; `await_active` is off,
     // so publishing then succeeds as "no subscribers" instead of blocking.
     idle: InactiveReceiver<Message>,
     config: HubConfig,
     counters: Counters,
+}
+
+/// The sizes of the messages in the channel, oldest first, and their sum.
+///
+/// Messages leave the channel from the front (read by every subscriber, or
+/// evicted), so the channel's length says how many of the oldest sizes to
+/// forget. Concurrent publishes may each see the other's message missing,
+/// so the bound may be passed by one message per publisher at once.
+struct Budget {
+    /// A handle of the channel's own, to change its capacity.
+    tx: Sender<Message>,
+    max: usize,
+    sizes: VecDeque<usize>,
+    bytes: usize,
+}
+
+impl Budget {
+    /// Forgets the sizes of messages that have left the channel.
+    fn prune(&mut self) {
+        let len = self.tx.len();
+        while self.sizes.len() > len {
+            self.bytes -= self.sizes.pop_front().unwrap_or(0);
+        }
+    }
+
+    fn set_capacity(&mut self, capacity: usize, now: &AtomicUsize) {
+        self.tx.set_capacity(capacity.max(1));
+        now.store(capacity.max(1), Relaxed);
+    }
+}
+
+/// What the byte bound lets a publish do.
+enum Room {
+    /// The message fits (or waits for a slot under Suspend).
+    Fits,
+    /// Under DropLatest: the message is discarded.
+    Discard,
 }
 
 #[derive(Default)]
@@ -131,6 +175,9 @@ pub struct HubStats {
     pub subscribers: usize,
     /// Messages currently buffered (for the slowest subscriber).
     pub buffered: usize,
+    /// Their payload bytes, about (counted when [`HubConfig::max_bytes`]
+    /// bounds them; 0 otherwise).
+    pub buffered_bytes: usize,
     /// Publishes that entered the channel ([`Published::Queued`]).
     pub published: u64,
     /// Publishes with no subscriber ([`Published::NoSubscribers`]).
@@ -203,8 +250,18 @@ impl Hub {
         let (mut tx, rx) = async_broadcast::broadcast(config.capacity);
         tx.set_overflow(config.policy.overflows());
         tx.set_await_active(false);
+        let budget = config.max_bytes.map(|max| {
+            Mutex::new(Budget {
+                tx: tx.clone(),
+                max,
+                sizes: VecDeque::new(),
+                bytes: 0,
+            })
+        });
         Hub {
             shared: Arc::new(Shared {
+                budget,
+                capacity: AtomicUsize::new(config.capacity),
                 tx,
                 idle: rx.deactivate(),
                 config,
@@ -225,11 +282,15 @@ impl Hub {
     /// [`PublishError::NotData`] for a control frame. The message is handed back.
     pub async fn publish(&self, msg: impl Into<Message>) -> Result<Published, PublishError> {
         let msg = self.check(msg.into())?;
+        let size = payload_len(&msg);
+        if let Room::Discard = self.make_room(size) {
+            return Ok(self.discarded());
+        }
         if self.shared.config.policy.on_full() != OnFull::Wait {
-            return self.offer(msg);
+            return self.offer(msg, size);
         }
         match self.shared.tx.broadcast_direct(msg).await {
-            Ok(_) => Ok(self.queued()),
+            Ok(_) => Ok(self.queued(size)),
             Err(async_broadcast::SendError(msg)) => self.refused(msg),
         }
     }
@@ -242,7 +303,11 @@ impl Hub {
     /// [`Policy::Suspend`] when the buffer is full.
     pub fn try_publish(&self, msg: impl Into<Message>) -> Result<Published, PublishError> {
         let msg = self.check(msg.into())?;
-        self.offer(msg)
+        let size = payload_len(&msg);
+        if let Room::Discard = self.make_room(size) {
+            return Ok(self.discarded());
+        }
+        self.offer(msg, size)
     }
 
     /// Serializes `value` to JSON once and publishes it as a text message.
@@ -310,6 +375,11 @@ impl Hub {
         HubStats {
             subscribers: self.subscriber_count(),
             buffered: self.shared.tx.len(),
+            buffered_bytes: self.shared.budget.as_ref().map_or(0, |budget| {
+                let mut budget = budget.lock().unwrap_or_else(|p| p.into_inner());
+                budget.prune();
+                budget.bytes
+            }),
             published: c.published.load(Relaxed),
             no_subscribers: c.no_subscribers.load(Relaxed),
             dropped: c.dropped.load(Relaxed),
@@ -349,6 +419,12 @@ impl Hub {
         self.shared.counters.stalled.load(Relaxed) < self.subscriber_count()
     }
 
+    /// The channel's capacity now (lower than [`capacity`](Self::capacity)
+    /// while [`HubConfig::max_bytes`] holds it down).
+    pub(crate) fn capacity_now(&self) -> usize {
+        self.shared.capacity.load(Relaxed)
+    }
+
     pub(crate) fn record_disconnect(&self) {
         self.shared.counters.disconnected.fetch_add(1, Relaxed);
     }
@@ -361,21 +437,72 @@ impl Hub {
         }
     }
 
+    /// Applies [`HubConfig::max_bytes`] before a message of `size` payload
+    /// bytes is offered: if it would not fit, DropLatest discards it,
+    /// DropOldest and Disconnect evict the oldest messages until it fits,
+    /// and Suspend lowers the channel's capacity to what it holds, so the
+    /// publish waits for the slowest subscriber to take one. A message that
+    /// fits lifts the capacity back to [`HubConfig::capacity`]. A message
+    /// larger than the bound on its own is let in once the buffer is empty.
+    fn make_room(&self, size: usize) -> Room {
+        let Some(budget) = &self.shared.budget else {
+            return Room::Fits;
+        };
+        let mut budget = budget.lock().unwrap_or_else(|p| p.into_inner());
+        budget.prune();
+        let full_capacity = self.shared.config.capacity;
+        if budget.bytes == 0 || budget.bytes + size <= budget.max {
+            if self.shared.capacity.load(Relaxed) < full_capacity {
+                budget.set_capacity(full_capacity, &self.shared.capacity);
+            }
+            return Room::Fits;
+        }
+        match self.shared.config.policy.on_full() {
+            OnFull::Discard => Room::Discard,
+            OnFull::Wait => {
+                let len = budget.tx.len();
+                budget.set_capacity(len, &self.shared.capacity);
+                Room::Fits
+            }
+            OnFull::EvictOldest => {
+                let mut evict = 0;
+                let mut left = budget.bytes;
+                while left + size > budget.max && evict < budget.sizes.len() {
+                    left -= budget.sizes[evict];
+                    evict += 1;
+                }
+                // Shrinking the capacity drops the oldest messages, and one
+                // slot more then takes the new one. The capacity cannot go
+                // below one: if every old message must go, the last one is
+                // evicted by the publish itself, and counted there.
+                let len = budget.tx.len();
+                let (keep, dropped) = if evict < len {
+                    (len - evict + 1, evict)
+                } else {
+                    (1, len.saturating_sub(1))
+                };
+                budget.set_capacity(len - dropped, &self.shared.capacity);
+                budget.set_capacity(keep, &self.shared.capacity);
+                budget.prune();
+                let counters = &self.shared.counters;
+                counters.evicted.fetch_add(dropped as u64, Relaxed);
+                Room::Fits
+            }
+        }
+    }
+
     /// Offers a message without waiting, applying the policy to a full buffer.
-    fn offer(&self, msg: Message) -> Result<Published, PublishError> {
+    fn offer(&self, msg: Message, size: usize) -> Result<Published, PublishError> {
         let c = &self.shared.counters;
         match self.shared.tx.try_broadcast(msg) {
-            Ok(None) => Ok(self.queued()),
+            Ok(None) => Ok(self.queued(size)),
             Ok(Some(_evicted)) => {
                 c.evicted.fetch_add(1, Relaxed);
-                Ok(self.queued())
+                Ok(self.queued(size))
             }
             Err(async_broadcast::TrySendError::Full(msg)) => {
                 match self.shared.config.policy.on_full() {
-                    OnFull::Discard => {
-                        c.dropped.fetch_add(1, Relaxed);
-                        Ok(Published::Dropped)
-                    }
+                    OnFull::Discard => Ok(self.discarded()),
                     // Overflow mode never reports Full; Suspend's try_publish does.
                     OnFull::Wait | OnFull::EvictOldest => Err(PublishError::Full(msg)),
                 }
@@ -394,9 +521,19 @@ impl Hub {
         }
     }
 
-    fn queued(&self) -> Published {
+    fn queued(&self, size: usize) -> Published {
+        if let Some(budget) = &self.shared.budget {
+            let mut budget = budget.lock().unwrap_or_else(|p| p.into_inner());
+            budget.sizes.push_back(size);
+            budget.bytes += size;
+        }
         self.shared.counters.published.fetch_add(1, Relaxed);
         Published::Queued
+    }
+
+    fn discarded(&self) -> Published {
+        self.shared.counters.dropped.fetch_add(1, Relaxed);
+        Published::Dropped
     }
 
     fn nobody(&self) -> Published {
@@ -412,6 +549,15 @@ impl fmt::Debug for Hub {
             .field("capacity", &self.capacity())
             .field("stats", &self.stats())
             .finish()
+    }
+}
+
+/// The payload bytes of a data message.
+fn payload_len(msg: &Message) -> usize {
+    match msg {
+        Message::Text(text) => text.len(),
+        Message::Binary(bytes) => bytes.len(),
+        _ => 0,
     }
 }
 
@@ -838,6 +984,90 @@ mod tests {
             } else {
                 assert_eq!((stats.evicted, stats.lagged), (0, 0), "{policy}: {stats:?}");
             }
+        }
+    }
+
+    fn bytes(i: u8, size: usize) -> Message {
+        Message::binary(vec![i; size])
+    }
+
+    /// Four 4 KiB messages into a 10 KiB bound, with a subscriber that reads
+    /// nothing: each policy treats the third like a publish into a full
+    /// buffer, long before `capacity` messages are there.
+    #[tokio::test]
+    async fn the_buffer_is_bounded_in_bytes_under_every_policy() {
+        for policy in Policy::ALL {
+            let hub = Hub::with_config(
+                HubConfig::default()
+                    .capacity(100)
+                    .policy(policy)
+                    .max_bytes(Some(10_000)),
+            )
+            .unwrap();
+            let mut sub = hub.subscribe();
+            for i in 0..2 {
+                assert_eq!(hub.try_publish(bytes(i, 4096)), Ok(Published::Queued));
+            }
+            assert_eq!(hub.stats().buffered_bytes, 8192, "{policy}");
+            let third = hub.try_publish(bytes(2, 4096));
+            let stats = hub.stats();
+            assert!(stats.buffered_bytes <= 10_000, "{policy}: {stats:?}");
+            match policy {
+                Policy::Suspend => {
+                    assert!(matches!(third, Err(PublishError::Full(_))), "{third:?}");
+                    // A publish that waits goes in once the subscriber takes one.
+                    let waiting = tokio::spawn({
+                        let hub = hub.clone();
+                        async move { hub.publish(bytes(2, 4096)).await }
+                    });
+                    assert_eq!(sub.recv().await.unwrap(), bytes(0, 4096));
+                    assert_eq!(waiting.await.unwrap(), Ok(Published::Queued));
+                    assert_eq!(sub.recv().await.unwrap(), bytes(1, 4096));
+                    assert_eq!(sub.recv().await.unwrap(), bytes(2, 4096));
+                }
+                Policy::DropLatest => {
+                    assert_eq!(third, Ok(Published::Dropped));
+                    assert_eq!(stats.dropped, 1);
+                    assert_eq!(sub.recv().await.unwrap(), bytes(0, 4096));
+                    assert_eq!(sub.recv().await.unwrap(), bytes(1, 4096));
+                }
+                Policy::DropOldest | Policy::Disconnect => {
+                    assert_eq!(third, Ok(Published::Queued));
+                    assert_eq!(stats.evicted, 1, "{policy}: {stats:?}");
+                    assert_eq!(sub.recv().await, Err(RecvError::Lagged(1)));
+                    assert_eq!(sub.recv().await.unwrap(), bytes(1, 4096));
+                    assert_eq!(sub.recv().await.unwrap(), bytes(2, 4096));
+                }
+            }
+            // Once the buffer is drained, the full capacity is back.
+            for i in 0..2 {
+                assert_eq!(
+                    hub.try_publish(bytes(i, 100)),
+                    Ok(Published::Queued),
+                    "{policy}"
+                );
+            }
+            assert_eq!(hub.capacity_now(), 100, "{policy}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_larger_than_the_byte_bound_goes_in_alone() {
+        for policy in Policy::ALL {
+            let hub = Hub::with_config(HubConfig::default().policy(policy).max_bytes(Some(1000)))
+                .unwrap();
+            let mut sub = hub.subscribe();
+            assert_eq!(
+                hub.try_publish(bytes(1, 5000)),
+                Ok(Published::Queued),
+                "{policy}"
+            );
+            assert_eq!(sub.recv().await.unwrap(), bytes(1, 5000));
+            assert_eq!(
+                hub.try_publish(bytes(2, 5000)),
+                Ok(Published::Queued),
+                "{policy}"
+            );
         }
     }
 

@@ -1179,7 +1179,6 @@ struct Forwarding {
 /// How long a subscriber has kept a `Suspend` hub's buffer full.
 struct Stall {
     timeout: Duration,
-    capacity: u64,
     /// The first of a run of samples that found the buffer full because of
     /// this subscriber, with no quiet spell since.
     full_since: Option<Instant>,
@@ -1195,7 +1194,6 @@ impl Forwarding {
             lag_notice: config.lag_notice.clone(),
             stall: (config.policy == Policy::Suspend).then(|| Stall {
                 timeout: config.stall_timeout,
-                capacity: config.capacity as u64,
                 full_since: None,
                 last_full: Instant::now(),
             }),
@@ -1223,7 +1221,9 @@ impl Forwarding {
         let Some(stall) = self.stall.as_mut() else {
             return false;
         };
-        let full = self.sub.backlog() >= stall.capacity - stall.capacity / 16;
+        // The capacity now: the byte bound may hold it below the configured one.
+        let capacity = self.sub.hub().capacity_now() as u64;
+        let full = self.sub.backlog() >= capacity - capacity / 16;
         if !full && stall.full_since.is_none() {
             return false;
         }
