@@ -192,16 +192,19 @@ pub struct HubStats {
     /// missed too).
     pub lagged: u64,
     /// Messages subscribers received, summed over subscribers. Each
-    /// subscription adds its count at least every
-    /// [`Subscription::COUNT_EVERY`] messages and when it is dropped; a
-    /// session's send task adds it after every batch it writes.
+    /// subscription adds its count every [`Subscription::COUNT_EVERY`]
+    /// messages and when it is dropped (so that subscribers do not all write
+    /// one shared counter per message): a live subscription's last few are
+    /// not in it yet.
     pub delivered: u64,
     /// Messages still waiting for a subscriber when it was dropped (a
     /// session that closed with messages it had not taken yet), summed over
     /// subscribers.
     pub unread: u64,
-    /// Sessions the hub closed: lagging under [`Policy::Disconnect`], or a send
-    /// that made no progress within [`Config::send_timeout`](crate::Config::send_timeout).
+    /// Sessions the hub closed: lagging under [`Policy::Disconnect`], keeping
+    /// a [`Policy::Suspend`] buffer full for
+    /// [`HubConfig::stall_timeout`], or a socket that took no byte for
+    /// [`Config::send_timeout`](crate::Config::send_timeout).
     pub disconnected: u64,
     /// Messages clients sent over their [`RateLimit`](crate::RateLimit),
     /// which were therefore not published.
@@ -644,9 +647,8 @@ impl Subscription {
         self.delivered
     }
 
-    /// A subscription adds its deliveries to [`HubStats::delivered`] at
-    /// least this often (and when it is dropped, or after each batch a
-    /// session writes).
+    /// A subscription adds its deliveries to [`HubStats::delivered`] every
+    /// this many messages, and when it is dropped.
     pub const COUNT_EVERY: u32 = 64;
 
     /// About how many messages are waiting for this subscriber: those
@@ -659,7 +661,7 @@ impl Subscription {
     }
 
     /// Adds the deliveries not yet counted to the hub's count.
-    pub(crate) fn count_delivered(&mut self) {
+    fn count_delivered(&mut self) {
         if self.uncounted > 0 {
             self.hub
                 .shared

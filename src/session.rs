@@ -1179,6 +1179,10 @@ struct Forwarding {
 /// How long a subscriber has kept a `Suspend` hub's buffer full.
 struct Stall {
     timeout: Duration,
+    /// A write had to wait for the socket since the last look: only then
+    /// can this subscriber be the slow one (one that never waits keeps up),
+    /// so only then is the hub's shared count read.
+    waited: bool,
     /// The first of a run of samples that found the buffer full because of
     /// this subscriber, with no quiet spell since.
     full_since: Option<Instant>,
@@ -1194,6 +1198,7 @@ impl Forwarding {
             lag_notice: config.lag_notice.clone(),
             stall: (config.policy == Policy::Suspend).then(|| Stall {
                 timeout: config.stall_timeout,
+                waited: false,
                 full_since: None,
                 last_full: Instant::now(),
             }),
@@ -1221,6 +1226,9 @@ impl Forwarding {
         let Some(stall) = self.stall.as_mut() else {
             return false;
         };
+        if !std::mem::take(&mut stall.waited) && stall.full_since.is_none() {
+            return false;
+        }
         // The capacity now: the byte bound may hold it below the configured one.
         let capacity = self.sub.hub().capacity_now() as u64;
         let full = self.sub.backlog() >= capacity - capacity / 16;
@@ -1242,9 +1250,13 @@ impl Forwarding {
         now.duration_since(since) >= stall.timeout && self.sub.hub().someone_keeps_up()
     }
 
-    /// How often a write that waits must look at [`stalled`](Self::stalled).
-    fn stall_check(&self) -> Option<Duration> {
-        self.stall.as_ref().map(|stall| stall.timeout / 4)
+    /// Notes that a write had to wait for the socket; returns how often the
+    /// wait must look at [`stalled`](Self::stalled).
+    fn waiting(&mut self) -> Option<Duration> {
+        self.stall.as_mut().map(|stall| {
+            stall.waited = true;
+            stall.timeout / 4
+        })
     }
 }
 
@@ -1403,10 +1415,6 @@ impl SendTask {
             }
         }
         self.flush().await?;
-        if let Some(fwd) = self.sub.as_mut() {
-            // Once per batch, not per message: one shared counter for all.
-            fwd.sub.count_delivered();
-        }
         if written > 0 {
             if let Some(idle) = self.idle.as_mut() {
                 idle.wrote = Instant::now();
@@ -1664,7 +1672,7 @@ async fn until_stuck<F: std::future::Future>(
     if let Poll::Ready(output) = poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
         return Waited::Done(output);
     }
-    let tick = match sub.as_ref().and_then(Forwarding::stall_check) {
+    let tick = match sub.as_mut().and_then(Forwarding::waiting) {
         Some(check) => patience.min(check),
         None => patience,
     };

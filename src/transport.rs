@@ -384,7 +384,13 @@ impl<S: AsyncWrite + Unpin> Wire<S> {
         while state.out.len > 0 {
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
             let count = state.out.slices(&mut slices);
-            let n = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count]))?;
+            let io = Pin::new(&mut self.io);
+            // One slice (small frames gathered together) is a plain write.
+            let n = ready!(if count == 1 {
+                io.poll_write(cx, &slices[0])
+            } else {
+                io.poll_write_vectored(cx, &slices[..count])
+            })?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
