@@ -221,6 +221,8 @@ fn scenario(name: &str, file_limit: u64) -> Result<Vec<Scenario>, String> {
 #[derive(Debug, Clone, Default)]
 struct ServerStats {
     cpu_us: Option<u64>,
+    /// The user-space part of `cpu_us` (the rest is the kernel's).
+    user_us: Option<u64>,
     rss_kib: Option<u64>,
     connections: Option<u64>,
     /// Named counters (wshub: its hub's `published`, `dropped`, `evicted`,
@@ -320,13 +322,15 @@ impl Target {
                 let mut fields = line.split_whitespace().skip(1);
                 let mut number = || fields.next().and_then(|f| f.parse().ok());
                 let (cpu_us, rss_kib, connections) = (number(), number(), number());
-                let counters = line
+                let mut counters: BTreeMap<String, u64> = line
                     .split_whitespace()
                     .filter_map(|f| f.split_once('='))
                     .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
                     .collect();
+                let user_us = counters.remove("user_us");
                 ServerStats {
                     cpu_us,
+                    user_us,
                     rss_kib,
                     connections,
                     counters,
@@ -334,6 +338,7 @@ impl Target {
             }
             Target::External { pid: Some(pid), .. } => ServerStats {
                 cpu_us: sys::process_cpu_micros(*pid).ok(),
+                user_us: None,
                 rss_kib: sys::rss_kib(Some(*pid)).ok(),
                 connections: None,
                 counters: BTreeMap::new(),
@@ -380,6 +385,8 @@ struct RunResult {
     closed_by_server: BTreeMap<String, u64>,
     server_cpu_secs: Option<f64>,
     cpu_us_per_delivery: Option<f64>,
+    /// The user-space part of `cpu_us_per_delivery`.
+    user_us_per_delivery: Option<f64>,
     server_rss_start_kib: Option<u64>,
     server_rss_connected_kib: Option<u64>,
     server_rss_end_kib: Option<u64>,
@@ -518,6 +525,12 @@ async fn run_once(
         cpu_us_per_delivery: cpu_secs
             .filter(|_| delivered > 0)
             .map(|s| s * 1e6 / delivered as f64),
+        user_us_per_delivery: match (connected.user_us, end.user_us) {
+            (Some(a), Some(b)) if delivered > 0 => {
+                Some(b.saturating_sub(a) as f64 / delivered as f64)
+            }
+            _ => None,
+        },
         server_rss_start_kib: start.rss_kib,
         server_rss_connected_kib: connected.rss_kib,
         server_rss_end_kib: end.rss_kib,
@@ -544,6 +557,7 @@ struct Summary {
     max_ms: f64,
     server_cpu_secs: Option<f64>,
     cpu_us_per_delivery: Option<f64>,
+    user_us_per_delivery: Option<f64>,
     server_rss_connected_mib: Option<f64>,
     server_rss_end_mib: Option<f64>,
     kib_per_connection: Option<f64>,
@@ -599,6 +613,7 @@ fn summarize(results: &[RunResult]) -> Vec<Summary> {
                 max_ms: med(&|r| r.latency_ms.max),
                 server_cpu_secs: opt(&|r| r.server_cpu_secs),
                 cpu_us_per_delivery: opt(&|r| r.cpu_us_per_delivery),
+                user_us_per_delivery: opt(&|r| r.user_us_per_delivery),
                 server_rss_connected_mib: opt(&|r| {
                     r.server_rss_connected_kib.map(|k| k as f64 / 1024.0)
                 }),
@@ -637,7 +652,7 @@ fn fmt_opt(v: Option<f64>, digits: usize) -> String {
 
 fn print_table(summaries: &[Summary]) {
     println!(
-        "{:<24} {:>4} {:>6} {:>5} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>6}",
+        "{:<24} {:>4} {:>6} {:>5} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>6}",
         "server",
         "runs",
         "conn",
@@ -651,13 +666,14 @@ fn print_table(summaries: &[Summary]) {
         "max ms",
         "cpu s",
         "µs/deliv",
+        "user µs",
         "RSS MiB",
         "KiB/conn",
         "closed"
     );
     for s in summaries {
         println!(
-            "{:<24} {:>4} {:>6} {:>5} {:>7.4} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>8} {:>8} {:>8} {:>6}",
+            "{:<24} {:>4} {:>6} {:>5} {:>7.4} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>8} {:>8} {:>8} {:>8} {:>6}",
             s.server,
             s.runs,
             s.connected,
@@ -671,6 +687,7 @@ fn print_table(summaries: &[Summary]) {
             s.max_ms,
             fmt_opt(s.server_cpu_secs, 2),
             fmt_opt(s.cpu_us_per_delivery, 2),
+            fmt_opt(s.user_us_per_delivery, 2),
             fmt_opt(s.server_rss_connected_mib, 1),
             fmt_opt(s.kib_per_connection, 2),
             s.closed_by_server,
@@ -709,9 +726,10 @@ fn print_table(summaries: &[Summary]) {
             _ => "-".to_string(),
         };
         println!(
-            "  wshub / {:<14} CPU per delivery {}   p99 {}   RSS {}",
+            "  wshub / {:<14} CPU per delivery {} (user {})   p99 {}   RSS {}",
             base.server,
             ratio(ours.cpu_us_per_delivery, base.cpu_us_per_delivery),
+            ratio(ours.user_us_per_delivery, base.user_us_per_delivery),
             ratio(Some(ours.p99_ms), Some(base.p99_ms)),
             ratio(ours.server_rss_connected_mib, base.server_rss_connected_mib),
         );

@@ -113,7 +113,8 @@ pub fn child_main(kind: Kind) -> ! {
                 let Ok(line) = line else { break };
                 if line.trim() == "stats" {
                     let rss = sys::rss_kib(None).unwrap_or(0);
-                    println!("stats {} {} {}", sys::own_cpu_micros(), rss, count());
+                    let (user, system) = sys::own_cpu_micros();
+                    println!("stats {} {} {} user_us={user}", user + system, rss, count());
                     let _ = std::io::stdout().flush();
                 }
             }

@@ -25,14 +25,15 @@ pub fn raise_file_limit() -> io::Result<FileLimit> {
     Ok(FileLimit { soft, hard })
 }
 
-/// User plus system CPU time this process has used, in microseconds, from
+/// User and system CPU time this process has used, in microseconds, from
 /// the kernel's own accounting (`getrusage`).
-pub fn own_cpu_micros() -> u64 {
+pub fn own_cpu_micros() -> (u64, u64) {
     match getrusage(UsageWho::RUSAGE_SELF) {
-        Ok(usage) => {
-            (usage.user_time().num_microseconds() + usage.system_time().num_microseconds()) as u64
-        }
-        Err(_) => 0,
+        Ok(usage) => (
+            usage.user_time().num_microseconds() as u64,
+            usage.system_time().num_microseconds() as u64,
+        ),
+        Err(_) => (0, 0),
     }
 }
 
