@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use wshub::{Config, Hub, HubConfig, Policy, Server};
+use wshub::{Config, Hub, HubConfig, Policy, RateLimit, Server};
 
 /// Ktor's SharedFlow sample: broadcast every message to every client.
 #[derive(Debug, Parser)]
@@ -50,6 +50,13 @@ struct Args {
     /// The largest message a client may send, in bytes.
     #[arg(long, default_value_t = 16 << 20)]
     max_message_size: usize,
+    /// Messages a second one client may publish on average (0: no limit);
+    /// a client that sends more is closed with 1008.
+    #[arg(long, default_value_t = 20)]
+    publish_rate: u32,
+    /// Messages one client may publish at once after a quiet spell.
+    #[arg(long, default_value_t = 40)]
+    publish_burst: u32,
 }
 
 #[tokio::main]
@@ -59,17 +66,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let args = Args::parse();
 
-    let hub = Hub::with_config(
+    let hub = match Hub::with_config(
         HubConfig::default()
             .capacity(args.capacity)
             .policy(args.policy),
-    )?;
+    ) {
+        Ok(hub) => hub,
+        Err(err) => {
+            eprintln!("sharedflow: --capacity {}: {err}", args.capacity);
+            std::process::exit(2);
+        }
+    };
+    // On the internet one client must not be able to fill the hub for
+    // everyone: a publish rate per connection (Ktor's sample has none).
+    let publish_rate =
+        (args.publish_rate > 0).then(|| RateLimit::new(args.publish_rate, args.publish_burst));
     // Ktor's sample: pingPeriod = 15 s, timeout = 15 s.
     let config = Config::default()
         .ping_period(Some(Duration::from_secs(15)))
         .timeout(Duration::from_secs(15))
         .max_frame_size(Some(args.max_message_size))
-        .max_message_size(Some(args.max_message_size));
+        .max_message_size(Some(args.max_message_size))
+        .publish_rate(publish_rate);
 
     let server = Server::new()
         .config(config)

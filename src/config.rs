@@ -45,12 +45,24 @@ pub struct Config {
     /// session has something to write, before the session is closed with 1013
     /// "send timeout" and its subscription freed.
     ///
-    /// Default: 5 s. This bounds what one stuck client can cost the hub: under
-    /// [`Policy::Suspend`] every publisher waits at most this long for it.
-    /// Longer values are kinder to clients on bad networks and harsher on
-    /// everyone else. A client that keeps reading, however slowly, is never
-    /// cut off by it. The stuck client itself rarely sees the 1013: its socket
-    /// is full, so it usually sees the connection end.
+    /// Default: 5 s. This frees what a client that has stopped reading holds
+    /// (its write buffer, its place in the hub), under every policy; under
+    /// [`Policy::Suspend`], [`HubConfig::stall_timeout`] bounds how long
+    /// publishers wait for a slow client, stuck or not. Longer values are
+    /// kinder to clients on bad networks and keep a dead client's memory
+    /// longer.
+    ///
+    /// A client that keeps reading, however slowly, is never cut off by it:
+    /// on Linux wshub lets the kernel hold at most 16 KiB unsent per
+    /// connection (`TCP_NOTSENT_LOWAT`, on the connections [`Server`]
+    /// accepts), so the socket takes more bytes as soon as the client has
+    /// read some, rather than once megabytes of buffer have drained. (With
+    /// [`Session::from_upgraded`](crate::Session::from_upgraded) over a socket
+    /// of your own, set that option on it.) The stuck client itself rarely
+    /// sees the 1013: its socket is full, so it usually sees the connection
+    /// end.
+    ///
+    /// [`Server`]: crate::Server
     pub send_timeout: Duration,
     /// How long a session may carry no message, in either direction, before
     /// it is closed with 1001 "idle timeout"; `None` for no limit.

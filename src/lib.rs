@@ -42,9 +42,11 @@
 //!
 //! * [`Policy::Suspend`] (the default, as in Ktor): publishers **wait** until the
 //!   slowest subscriber makes room. Nothing is lost, but everyone goes at the
-//!   pace of the slowest client. So that a stuck client cannot stall the hub for
-//!   ever, a session whose socket accepts nothing for [`Config::send_timeout`]
-//!   (5 s by default) is closed with 1013 and its place in the hub freed.
+//!   pace of the slowest client. So that a slow client cannot hold the hub for
+//!   ever, a session that keeps the buffer full for
+//!   [`HubConfig::stall_timeout`] (5 s) while others keep up is closed with
+//!   1013 "too slow for the hub" and its place freed, whether it reads
+//!   nothing or reads steadily but slower than the hub publishes.
 //! * [`Policy::DropOldest`]: the **oldest** buffered message is evicted.
 //!   Publishers never wait; a lagging client skips ahead to what is still
 //!   buffered and the gap is counted (and can be told to it with
@@ -60,8 +62,17 @@
 //!   slow one learns why and can reconnect.
 //!
 //! Every one of these is counted in [`HubStats`] (`dropped`, `evicted`,
-//! `lagged`, `disconnected`). Control frames (pings, pongs, Close frames) never
-//! travel through the hub, so no policy drops them.
+//! `lagged`, `disconnected`), and the counts add up. Control frames (pings,
+//! pongs, Close frames) never travel through the hub, so no policy drops them.
+//!
+//! Under every policy, a session whose socket takes no byte at all for
+//! [`Config::send_timeout`] (5 s) is closed with 1013 "send timeout". wshub
+//! keeps what the kernel may hold unsent small, so the socket takes bytes as
+//! soon as the client reads some: a client that keeps reading, however slowly,
+//! is never closed for being slow under the policies that do not wait; it
+//! lags, and that is counted. The buffer is bounded in bytes as well as in
+//! messages ([`HubConfig::max_bytes`]), and a broadcast is written to every
+//! subscriber from the one shared payload, never copied per connection.
 //!
 //! # How it differs from axum's chat example and `tokio::sync::broadcast`
 //!
@@ -88,7 +99,8 @@
 //! * `config.rs`: [`Config`] and [`HubConfig`], with documented defaults.
 //! * `server.rs`: [`Server`]: listener, routes, handshake hook, graceful shutdown.
 //! * `request.rs`: [`Request`], what a session knows of its upgrade request.
-//! * `transport.rs`: the WebSocket stream shared by a session's two halves.
+//! * `transport.rs`: the WebSocket stream shared by a session's two halves,
+//!   and the write buffer under it that writes broadcasts without copying them.
 //! * `error.rs`: [`Error`].
 //! * `testing.rs`: [`testing::TestServer`] and [`testing::TestClient`].
 //!

@@ -17,9 +17,10 @@ pub enum Policy {
     /// Publishers wait for the slowest subscriber (Ktor's `SUSPEND`, the default).
     ///
     /// Nothing is lost. The cost: one slow client slows every publisher. A
-    /// session whose socket accepts nothing within
-    /// [`Config::send_timeout`](crate::Config::send_timeout) is closed
-    /// (code 1013), its subscription freed, and the hub moves on.
+    /// session that keeps the buffer full for
+    /// [`HubConfig::stall_timeout`](crate::HubConfig::stall_timeout) while
+    /// others keep up is closed (code 1013, "too slow for the hub"), its
+    /// subscription freed, and the hub moves on.
     #[default]
     Suspend,
     /// The oldest buffered message is evicted to make room (Ktor's `DROP_OLDEST`).

@@ -154,6 +154,24 @@ fn an_unknown_policy_is_refused_with_the_valid_names() {
     );
 }
 
+/// A capacity no machine could allocate is refused with a message and exit
+/// status 2, not a panic ("capacity overflow", status 101).
+#[test]
+fn an_impossible_capacity_is_refused_not_a_panic() {
+    let capacity = usize::MAX.to_string();
+    let mut cmd = Command::new(example_binary());
+    cmd.args(["--addr", "127.0.0.1:0", "--capacity", &capacity])
+        .env("NO_COLOR", "1");
+    let out = run_bounded(&mut cmd, START_TIMEOUT, "sharedflow --capacity usize::MAX");
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("--capacity") && out.stderr.contains("most a hub buffers"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+}
+
 /// The running example server; killed when dropped.
 struct SharedflowProcess {
     child: Child,
