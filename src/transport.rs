@@ -382,13 +382,13 @@ impl<S: AsyncWrite + Unpin> Wire<S> {
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let state = &mut self.state;
         while state.out.len > 0 {
-            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-            let count = state.out.slices(&mut slices);
             let io = Pin::new(&mut self.io);
-            // One slice (small frames gathered together) is a plain write.
-            let n = ready!(if count == 1 {
-                io.poll_write(cx, &slices[0])
+            let n = ready!(if state.out.chunks.is_empty() {
+                // Small frames gathered together: a plain write.
+                io.poll_write(cx, &state.out.tail)
             } else {
+                let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+                let count = state.out.slices(&mut slices);
                 io.poll_write_vectored(cx, &slices[..count])
             })?;
             if n == 0 {
