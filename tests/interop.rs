@@ -1,16 +1,20 @@
 //! Interop: clients written in another language chat through the real
 //! `sharedflow` example binary, started as a child process on a loopback port.
 //!
-//! The Python test needs python3 with the `websockets` package
-//! (`pip install websockets`; `.ci/run` installs it) and fails, rather than
-//! skips, without it. `WSHUB_PYTHON` names another interpreter than `python3`.
+//! The Python test needs python3 with the `websockets` package. When the
+//! interpreter lacks it, the test makes a virtual environment of its own
+//! under `target/` and installs a pinned `websockets` there from PyPI (once;
+//! later runs reuse it), saying so on stderr. It fails, rather than skips,
+//! only when that is impossible (no `python3`, no `venv` module, no package
+//! index), with the one command to run. `WSHUB_PYTHON` names another
+//! interpreter than `python3`.
 //!
 //! The binary is the one `cargo test` builds into `target/<profile>/examples/`;
 //! the tests run `cargo build --example sharedflow` first (a no-op when it is
 //! fresh) so that `cargo test --test interop` never runs a stale one.
 
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -32,9 +36,17 @@ const SCRIPT_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long one step of the Rust client may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
-const PIP_HINT: &str = "The interop tests need Python 3 with the `websockets` package: \
-                        run `pip install websockets` (`.ci/run` does it for you), \
-                        or set WSHUB_PYTHON to an interpreter that has it";
+/// The `websockets` the suite installs for itself when the interpreter has
+/// none (15.0.1 supports Python 3.9 to 3.13).
+const WEBSOCKETS: &str = "websockets==15.0.1";
+/// How long making the virtual environment and installing into it may take.
+const INSTALL_TIMEOUT: Duration = Duration::from_secs(300);
+
+const PIP_HINT: &str = "The interop tests need Python 3 with the `websockets` package, \
+                        which they install into a virtual environment under target/ \
+                        when the interpreter lacks it; where that cannot work, run \
+                        `python3 -m pip install websockets==15.0.1`, or set WSHUB_PYTHON \
+                        to an interpreter that has it";
 
 #[test]
 fn python_clients_chat_through_the_sharedflow_example() {
@@ -341,22 +353,67 @@ fn example_binary() -> &'static Path {
     })
 }
 
-/// The Python interpreter to use, after checking it has `websockets`.
+/// The Python interpreter to use: `WSHUB_PYTHON` or `python3` if it has
+/// `websockets`; otherwise the test's own virtual environment under
+/// `target/`, made and filled with [`WEBSOCKETS`] the first time.
 fn require_python_websockets() -> String {
     let python = std::env::var("WSHUB_PYTHON").unwrap_or_else(|_| "python3".to_owned());
-    let mut cmd = Command::new(&python);
-    cmd.args(["-c", "import websockets; print(websockets.__version__)"]);
-    let out = run_bounded(
-        &mut cmd,
-        START_TIMEOUT,
-        &format!("{python} -c 'import websockets'"),
+    if has_websockets(&python) {
+        return python;
+    }
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("interop-venv");
+    let own = venv.join("bin").join("python");
+    let own_text = own.to_string_lossy().into_owned();
+    if own.is_file() && has_websockets(&own_text) {
+        return own_text;
+    }
+    // Straight to stderr, past the test harness's capture: a newcomer sees
+    // why the first run takes longer.
+    let _ = writeln!(
+        std::io::stderr(),
+        "interop: {python} has no `websockets`; installing {WEBSOCKETS} into {} \
+         (once; later runs reuse it)",
+        venv.display()
     );
+    let mut make = Command::new(&python);
+    make.arg("-m").arg("venv").arg(&venv);
+    let out = run_bounded(&mut make, INSTALL_TIMEOUT, &format!("{python} -m venv"));
     assert!(
         out.status.success(),
-        "{python} cannot import websockets. {PIP_HINT}.\n{}",
+        "{python} -m venv {} failed. {PIP_HINT}.\n{}",
+        venv.display(),
         out.stderr
     );
-    python
+    let mut install = Command::new(&own);
+    install.args([
+        "-m",
+        "pip",
+        "install",
+        "--disable-pip-version-check",
+        "--quiet",
+        WEBSOCKETS,
+    ]);
+    let out = run_bounded(
+        &mut install,
+        INSTALL_TIMEOUT,
+        &format!("pip install {WEBSOCKETS}"),
+    );
+    assert!(
+        out.status.success() && has_websockets(&own_text),
+        "pip install {WEBSOCKETS} into {} failed. {PIP_HINT}.\n{}",
+        venv.display(),
+        out.stderr
+    );
+    own_text
+}
+
+/// Whether `python` can import `websockets` (the test fails with
+/// [`PIP_HINT`] if `python` does not run at all).
+fn has_websockets(python: &str) -> bool {
+    let mut cmd = Command::new(python);
+    cmd.args(["-c", "import websockets"]);
+    let what = format!("{python} -c 'import websockets'");
+    run_bounded(&mut cmd, START_TIMEOUT, &what).status.success()
 }
 
 /// Keeps a Python client off any HTTP proxy: every connection here is loopback.
