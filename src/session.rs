@@ -1542,24 +1542,11 @@ impl SendTask {
     /// The client kept a `Suspend` hub's buffer full for its stall timeout:
     /// free its place, so the publishers waiting on it go on.
     fn stalled(&mut self) -> Stop {
-        let timeout = self
-            .sub
-            .as_ref()
-            .and_then(|fwd| fwd.stall.as_ref())
-            .map(|s| s.timeout);
         tracing::debug!(
             session = self.shared.id,
-            ?timeout,
             "kept the hub full; closing slow client"
         );
-        if let Some(fwd) = self.sub.take() {
-            fwd.sub.hub().record_disconnect();
-        }
-        Stop::Close(CloseRequest {
-            reason: close_reason(CloseCode::Again, "too slow for the hub"),
-            handshake: false,
-            drain_hub: false,
-        })
+        self.cut_off("too slow for the hub")
     }
 
     /// The client accepted nothing for `send_timeout`: free its place in the hub.
@@ -1568,11 +1555,17 @@ impl SendTask {
             session = self.shared.id,
             "send timed out; closing slow client"
         );
+        self.cut_off("send timeout")
+    }
+
+    /// Frees the session's place in the hub (counted as a disconnect) and
+    /// closes it with 1013 and `why`, without waiting for the client's answer.
+    fn cut_off(&mut self, why: &'static str) -> Stop {
         if let Some(fwd) = self.sub.take() {
             fwd.sub.hub().record_disconnect();
         }
         Stop::Close(CloseRequest {
-            reason: close_reason(CloseCode::Again, "send timeout"),
+            reason: close_reason(CloseCode::Again, why),
             handshake: false,
             drain_hub: false,
         })
