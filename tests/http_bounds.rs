@@ -36,7 +36,7 @@ use futures_util::stream::FuturesUnordered;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc::unbounded_channel;
-use wshub::testing::{TestClient, TestServer};
+use wshub::testing::TestServer;
 use wshub::{Config, Server, tungstenite};
 
 /// The headers of a valid upgrade request for `/ws`, without the blank line
@@ -131,13 +131,14 @@ fn ensure_open_files(needed: u64) {
     );
 }
 
-/// Opens a WebSocket client, retrying while the server answers 503 (a
-/// handshake place not yet given back); any other failure fails the test.
-async fn connect_when_freed(server: &TestServer, what: &str) -> TestClient {
+/// Once the place a bad client held is free (503s until then, for at most
+/// [`WAIT`]), a real client is upgraded and served: it sends `text` and gets
+/// it back. Then the server shuts down.
+async fn served_once_freed(server: TestServer, what: &str, text: &str) {
     let deadline = Instant::now() + WAIT;
-    loop {
+    let mut client = loop {
         match within("an upgrade", server.try_connect("/ws")).await {
-            Ok(client) => return client,
+            Ok(client) => break client,
             Err(tungstenite::Error::Http(response))
                 if response.status() == 503 && Instant::now() < deadline =>
             {
@@ -145,7 +146,11 @@ async fn connect_when_freed(server: &TestServer, what: &str) -> TestClient {
             }
             Err(err) => panic!("connecting after {what} failed: {err}"),
         }
-    }
+    };
+    client.send(text).await;
+    client.expect_text(text).await;
+    client.close(None).await;
+    server.shutdown().await;
 }
 
 // ---------------------------------------------------------------------------
@@ -197,11 +202,7 @@ async fn bad_request_after_bad_request_does_not_keep_a_handshake_place() {
     drop(tcp);
 
     // The only handshake place is free again: a real client is served.
-    let mut client = connect_when_freed(&server, "the bad client was dropped").await;
-    client.send("hello").await;
-    client.expect_text("hello").await;
-    client.close(None).await;
-    server.shutdown().await;
+    served_once_freed(server, "the bad client was dropped", "hello").await;
 }
 
 // ---------------------------------------------------------------------------
@@ -457,11 +458,7 @@ async fn a_client_still_sending_its_oversized_head_gets_the_431() {
         .expect("a clean end of the connection after the 431");
     drop(tcp);
 
-    let mut client = connect_when_freed(&server, "the 431").await;
-    client.send("after").await;
-    client.expect_text("after").await;
-    client.close(None).await;
-    server.shutdown().await;
+    served_once_freed(server, "the 431", "after").await;
 }
 
 /// What the handshake hook and the session saw of one request's headers:
