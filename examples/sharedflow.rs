@@ -23,7 +23,9 @@
 //! ws.onopen = () => ws.send("Hello");
 //! ```
 //!
-//! `/echo` answers each message to its sender only (for conformance suites).
+//! `/echo` answers each message to its sender only (for conformance suites);
+//! `http://127.0.0.1:8080/metrics` is the Prometheus scrape (the hub is
+//! labelled `hub="sharedflow"`): `curl -s 127.0.0.1:8080/metrics`.
 //! `RUST_LOG=wshub=debug` shows each session; ctrl-c shuts down gracefully
 //! (every client gets Close 1001 Going Away).
 
@@ -32,7 +34,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use wshub::{Config, Hub, HubConfig, Policy, RateLimit, Server};
+use wshub::{Config, Hub, HubConfig, Metrics, Policy, RateLimit, Server};
 
 /// Ktor's SharedFlow sample: broadcast every message to every client.
 #[derive(Debug, Parser)]
@@ -77,6 +79,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::process::exit(2);
         }
     };
+    let metrics = Metrics::new();
+    metrics.register_hub("sharedflow", &hub)?;
     // On the internet one client must not be able to fill the hub for
     // everyone: a publish rate per connection (Ktor's sample has none).
     let publish_rate =
@@ -91,6 +95,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let server = Server::new()
         .config(config)
+        .metrics("/metrics", metrics)
         .route("/ws", move |mut session| {
             let hub = hub.clone();
             async move {
@@ -117,9 +122,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Server::bind: a listen backlog for bursts of reconnecting clients.
     let listener = server.bind(args.addr).await?;
+    let addr = listener.local_addr()?;
     tracing::info!(
-        "sharedflow on ws://{}/ws (policy {}, capacity {}); /echo echoes",
-        listener.local_addr()?,
+        "sharedflow on ws://{addr}/ws (policy {}, capacity {}); /echo echoes; \
+         metrics at http://{addr}/metrics",
         args.policy,
         args.capacity
     );

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::message::Message;
+use crate::metrics::Metrics;
 use crate::policy::Policy;
 
 /// WebSocket options for sessions (Ktor's `install(WebSockets) { ... }`).
@@ -136,6 +137,14 @@ pub struct Config {
     /// the hub takes messages (and, under `Suspend`, as fast as the slowest
     /// subscriber reads). Set a [`RateLimit`] where clients are not trusted.
     pub publish_rate: Option<RateLimit>,
+    /// Where the session counts itself for Prometheus: open sessions, close
+    /// codes, bytes read and written.
+    ///
+    /// Default: `None`, no counting. [`Server::metrics`](crate::Server::metrics)
+    /// counts the sessions of a server whose config has none here. The
+    /// cost is one clock read per flush and a few shared counters updated
+    /// once a second or so per session (see [`Metrics`]).
+    pub metrics: Option<Metrics>,
 }
 
 /// A per-connection token bucket on publishing: `per_second` messages a
@@ -211,6 +220,7 @@ impl Default for Config {
             outgoing_capacity: 64,
             max_batch: 64,
             publish_rate: None,
+            metrics: None,
         }
     }
 }
@@ -303,6 +313,13 @@ impl Config {
     #[must_use]
     pub fn publish_rate(mut self, limit: Option<RateLimit>) -> Self {
         self.publish_rate = limit;
+        self
+    }
+
+    /// Sets [`metrics`](Self::metrics).
+    #[must_use]
+    pub fn metrics(mut self, metrics: Option<Metrics>) -> Self {
+        self.metrics = metrics;
         self
     }
 

@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use async_broadcast::{InactiveReceiver, Receiver, Sender, TryRecvError as BTryRecvError};
 use serde::Serialize;
@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::config::HubConfig;
 use crate::error::Error;
 use crate::message::{self, Message};
+use crate::metrics::{self, Latency};
 use crate::policy::{OnFull, Policy};
 
 /// A broadcast hub (Ktor's `MutableSharedFlow`): publish once, every subscriber
@@ -43,7 +44,7 @@ pub struct Hub {
 }
 
 struct Shared {
-    tx: Sender<Message>,
+    tx: Sender<Stamped>,
     /// The payload bytes the buffer holds, when [`HubConfig::max_bytes`]
     /// bounds them.
     budget: Option<Mutex<Budget>>,
@@ -52,9 +53,34 @@ struct Shared {
     capacity: AtomicUsize,
     // Kept so the channel stays open with no subscribers; `await_active` is off,
     // so publishing then succeeds as "no subscribers" instead of blocking.
-    idle: InactiveReceiver<Message>,
+    idle: InactiveReceiver<Stamped>,
     config: HubConfig,
     counters: Counters,
+    /// Set once the hub is registered with [`Metrics`](crate::Metrics):
+    /// publishes are then stamped with the time, and subscribers time
+    /// their deliveries.
+    latency: OnceLock<Arc<Latency>>,
+}
+
+/// A message in the channel, with the time it was published (0 when the
+/// hub's deliveries are not timed).
+#[derive(Clone)]
+pub(crate) struct Stamped {
+    msg: Message,
+    at: u64,
+}
+
+/// A hub that does not keep it alive, for [`Metrics`](crate::Metrics).
+pub(crate) struct WeakHub(Weak<Shared>);
+
+impl WeakHub {
+    pub(crate) fn upgrade(&self) -> Option<Hub> {
+        self.0.upgrade().map(|shared| Hub { shared })
+    }
+
+    pub(crate) fn is_alive(&self) -> bool {
+        self.0.strong_count() > 0
+    }
 }
 
 /// The sizes of the messages in the channel, oldest first, and their sum.
@@ -65,7 +91,7 @@ struct Shared {
 /// so the bound may be passed by one message per publisher at once.
 struct Budget {
     /// A handle of the channel's own, to change its capacity.
-    tx: Sender<Message>,
+    tx: Sender<Stamped>,
     max: usize,
     sizes: VecDeque<usize>,
     bytes: usize,
@@ -269,6 +295,7 @@ impl Hub {
                 idle: rx.deactivate(),
                 config,
                 counters: Counters::default(),
+                latency: OnceLock::new(),
             }),
         }
     }
@@ -292,9 +319,9 @@ impl Hub {
         if self.shared.config.policy.on_full() != OnFull::Wait {
             return self.offer(msg, size);
         }
-        match self.shared.tx.broadcast_direct(msg).await {
+        match self.shared.tx.broadcast_direct(self.stamp(msg)).await {
             Ok(_) => Ok(self.queued(size)),
-            Err(async_broadcast::SendError(msg)) => self.refused(msg),
+            Err(async_broadcast::SendError(stamped)) => self.refused(stamped.msg),
         }
     }
 
@@ -332,6 +359,7 @@ impl Hub {
         let rx = self.shared.idle.activate_cloned();
         Subscription {
             rx,
+            stamp: 0,
             first: self.shared.counters.published.load(Relaxed),
             hub: self.clone(),
             lagged: 0,
@@ -428,6 +456,29 @@ impl Hub {
         self.shared.capacity.load(Relaxed)
     }
 
+    /// Stamps a message with the time, if this hub's deliveries are timed.
+    fn stamp(&self, msg: Message) -> Stamped {
+        let at = match self.shared.latency.get() {
+            Some(_) => metrics::now_nanos(),
+            None => 0,
+        };
+        Stamped { msg, at }
+    }
+
+    /// Starts timing deliveries into `latency`; false if already timed.
+    pub(crate) fn time_deliveries(&self, latency: Arc<Latency>) -> bool {
+        self.shared.latency.set(latency).is_ok()
+    }
+
+    /// The histogram this hub's deliveries are timed into, if any.
+    pub(crate) fn latency(&self) -> Option<&Arc<Latency>> {
+        self.shared.latency.get()
+    }
+
+    pub(crate) fn downgrade(&self) -> WeakHub {
+        WeakHub(Arc::downgrade(&self.shared))
+    }
+
     pub(crate) fn record_disconnect(&self) {
         self.shared.counters.disconnected.fetch_add(1, Relaxed);
     }
@@ -497,13 +548,13 @@ impl Hub {
     /// Offers a message without waiting, applying the policy to a full buffer.
     fn offer(&self, msg: Message, size: usize) -> Result<Published, PublishError> {
         let c = &self.shared.counters;
-        match self.shared.tx.try_broadcast(msg) {
+        match self.shared.tx.try_broadcast(self.stamp(msg)) {
             Ok(None) => Ok(self.queued(size)),
             Ok(Some(_evicted)) => {
                 c.evicted.fetch_add(1, Relaxed);
                 Ok(self.queued(size))
             }
-            Err(async_broadcast::TrySendError::Full(msg)) => {
+            Err(async_broadcast::TrySendError::Full(Stamped { msg, .. })) => {
                 match self.shared.config.policy.on_full() {
                     OnFull::Discard => Ok(self.discarded()),
                     // Overflow mode never reports Full; Suspend's try_publish does.
@@ -511,7 +562,7 @@ impl Hub {
                 }
             }
             Err(async_broadcast::TrySendError::Inactive(_)) => Ok(self.nobody()),
-            Err(async_broadcast::TrySendError::Closed(msg)) => Err(PublishError::Closed(msg)),
+            Err(async_broadcast::TrySendError::Closed(s)) => Err(PublishError::Closed(s.msg)),
         }
     }
 
@@ -569,7 +620,9 @@ fn payload_len(msg: &Message) -> usize {
 /// Under [`Policy::Suspend`] a subscription that is not read holds every
 /// publisher back once the buffer fills: read it, or drop it.
 pub struct Subscription {
-    rx: Receiver<Message>,
+    rx: Receiver<Stamped>,
+    /// When the last message received was published (0: not timed).
+    stamp: u64,
     /// The hub's `published` count when this subscription began.
     first: u64,
     hub: Hub,
@@ -672,7 +725,14 @@ impl Subscription {
         }
     }
 
-    fn got(&mut self, msg: Message) -> Message {
+    /// When the message last received was published, for
+    /// [`Metrics`](crate::Metrics) (0 if the hub is not timed).
+    pub(crate) fn stamp(&self) -> u64 {
+        self.stamp
+    }
+
+    fn got(&mut self, Stamped { msg, at }: Stamped) -> Message {
+        self.stamp = at;
         self.delivered += 1;
         self.uncounted += 1;
         if self.uncounted >= Self::COUNT_EVERY {

@@ -126,6 +126,7 @@ mod config;
 mod error;
 mod hub;
 mod message;
+mod metrics;
 mod policy;
 mod request;
 mod server;
@@ -139,6 +140,7 @@ pub use hub::{Hub, HubStats, PublishError, Published, RecvError, Subscription, T
 pub use message::{
     Bytes, CloseCode, CloseReason, Message, Utf8Bytes, close_reason, from_json, json,
 };
+pub use metrics::{Metrics, MetricsBuilder};
 pub use policy::{ParsePolicyError, Policy};
 pub use request::Request;
 pub use server::{HandlerOutput, Rejection, Server};

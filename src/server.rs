@@ -33,9 +33,11 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::message::{CloseCode, close_reason};
+use crate::metrics::Metrics;
 use crate::request::Request;
 use crate::session::{Session, Setup};
 
@@ -192,6 +194,8 @@ pub struct Server {
     live: Arc<AtomicUsize>,
     /// The sessions' send tasks, which `serve` waits for; one per `serve`.
     tracker: TaskTracker,
+    /// Where [`Server::metrics`] counts, and the path it serves them at.
+    metrics: Option<(String, Metrics)>,
 }
 
 /// A slot among [`Server::max_connections`], held from the accepted upgrade
@@ -281,12 +285,15 @@ impl Drop for IpPlace {
 struct Admission {
     _handshake: OwnedSemaphorePermit,
     _address: Option<IpPlace>,
+    /// Counts it among the handshakes in flight, when the server has metrics.
+    _counted: Option<crate::metrics::HandshakeGuard>,
 }
 
 /// Admits a new connection to its HTTP phase, or says which 503 it gets.
 fn admit(
     handshakes: &Arc<Semaphore>,
     per_ip: Option<&Arc<PerIp>>,
+    metrics: Option<&Metrics>,
     peer: SocketAddr,
 ) -> Result<Admission, &'static [u8]> {
     let handshake = handshakes.clone().try_acquire_owned().map_err(|_| BUSY)?;
@@ -297,6 +304,7 @@ fn admit(
     Ok(Admission {
         _handshake: handshake,
         _address: address,
+        _counted: metrics.map(Metrics::handshake_started),
     })
 }
 
@@ -322,6 +330,7 @@ impl fmt::Debug for Server {
             .field("max_request_head", &self.max_request_head)
             .field("session_headers", &self.session_headers)
             .field("allowed_origins", &self.allowed_origins)
+            .field("metrics", &self.metrics.as_ref().map(|(path, _)| path))
             .finish()
     }
 }
@@ -375,6 +384,7 @@ impl Server {
             allowed_origins: None,
             live: Arc::default(),
             tracker: TaskTracker::new(),
+            metrics: None,
         }
     }
 
@@ -561,6 +571,29 @@ impl Server {
     #[must_use]
     pub fn session_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Server {
         self.session_headers = names.into_iter().collect();
+        self
+    }
+
+    /// Serves `metrics` at `path` (a plain `GET`, answered in the Prometheus
+    /// text format) and counts this server in it: open sessions, handshakes
+    /// in flight, upgrades accepted and refused (by status), sessions closed
+    /// (by close code and side), bytes read and written. The sessions of a
+    /// route whose [`Config::metrics`] is unset are counted here.
+    ///
+    /// The path answers anyone who can reach the server: where the server
+    /// faces the internet, serve the metrics from a second `Server` on an
+    /// internal address, or put them behind your own HTTP route with
+    /// [`Metrics::encode`].
+    ///
+    /// ```
+    /// use wshub::{Metrics, Server};
+    /// let metrics = Metrics::new();
+    /// let server = Server::new().metrics("/metrics", metrics.clone());
+    /// # drop(server);
+    /// ```
+    #[must_use]
+    pub fn metrics(mut self, path: &str, metrics: Metrics) -> Server {
+        self.metrics = Some((path.to_owned(), metrics));
         self
     }
 
@@ -820,7 +853,7 @@ impl Server {
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         tune(&tcp);
-                        match admit(&handshakes, per_ip.as_ref(), peer) {
+                        match admit(&handshakes, per_ip.as_ref(), app.counted_metrics(), peer) {
                             Ok(admission) => {
                                 tasks.spawn(connection(
                                     tcp,
@@ -834,6 +867,9 @@ impl Server {
                             }
                             Err(busy) => {
                                 tracing::debug!(%peer, "too many handshakes in progress: 503");
+                                if let Some(metrics) = app.counted_metrics() {
+                                    metrics.upgrade_refused(503);
+                                }
                                 if matches!(encryption, Encryption::None) {
                                     // Best effort: the answer fits any socket buffer.
                                     let _ = tcp.try_write(busy);
@@ -906,7 +942,7 @@ impl Server {
         &self,
         mut req: http::Request<Incoming>,
         peer: SocketAddr,
-    ) -> Result<(http::Response<Full<Bytes>>, Upgrade), Rejection> {
+    ) -> Result<Answer, Rejection> {
         let head = head_len(&req);
         if head > self.max_request_head {
             return Err(Rejection::new(
@@ -916,6 +952,11 @@ impl Server {
                     self.max_request_head
                 ),
             ));
+        }
+        if let Some((path, metrics)) = &self.metrics {
+            if req.uri().path() == path && !self.routes.contains_key(path) {
+                return scrape(req.method(), metrics).map(Answer::Plain);
+            }
         }
         let Some(route) = self.routes.get(req.uri().path()).cloned() else {
             return Err(Rejection::new(
@@ -941,17 +982,54 @@ impl Server {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
-        Ok((
+        Ok(Answer::Upgrade(
             response,
-            Upgrade {
+            Box::new(Upgrade {
                 on_upgrade,
                 route,
                 request,
                 config,
                 slot,
-            },
+            }),
         ))
     }
+
+    fn counted_metrics(&self) -> Option<&Metrics> {
+        self.metrics.as_ref().map(|(_, metrics)| metrics)
+    }
+}
+
+/// What a request gets: a 101 and the upgrade to run afterwards, or a plain
+/// answer (the metrics).
+enum Answer {
+    Upgrade(http::Response<Full<Bytes>>, Box<Upgrade>),
+    Plain(http::Response<Full<Bytes>>),
+}
+
+/// The answer at the metrics path: the metrics for a `GET` (or the head of
+/// them for a `HEAD`), 405 otherwise.
+fn scrape(method: &Method, metrics: &Metrics) -> Result<http::Response<Full<Bytes>>, Rejection> {
+    if method != Method::GET && method != Method::HEAD {
+        return Err(Rejection::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "the metrics are read with GET",
+        )
+        .header(header::ALLOW, HeaderValue::from_static("GET, HEAD")));
+    }
+    let body = if method == Method::GET {
+        Bytes::from(metrics.encode())
+    } else {
+        Bytes::new()
+    };
+    let mut response = http::Response::new(Full::new(body));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(Metrics::CONTENT_TYPE),
+    );
+    // As for a refusal: one request per connection (see `open`).
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    Ok(response)
 }
 
 /// An accepted upgrade, run once hyper hands over the connection.
@@ -1073,7 +1151,7 @@ where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let peer = SocketAddr::from(([127, 0, 0, 1], 9));
-    let Ok(admission) = admit(&Arc::new(Semaphore::new(1)), None, peer) else {
+    let Ok(admission) = admit(&Arc::new(Semaphore::new(1)), None, None, peer) else {
         return;
     };
     let app = Arc::new(server);
@@ -1318,9 +1396,9 @@ async fn connection<IO>(
     let send_task = AbortOnDropHandle::new(send_task);
     let out = session.outgoing();
     let _guard = out.kill_on_drop();
-    let id = session.id();
-    tracing::debug!(session = id, %peer, "session open");
-    let handler = handler(session);
+    let span = session.span().clone();
+    span.in_scope(|| tracing::debug!("session open"));
+    let handler = handler(session).instrument(span.clone());
     tokio::pin!(handler);
     // Watched here, once per connection, rather than in every send-task wake-up.
     let failure = tokio::select! {
@@ -1332,13 +1410,12 @@ async fn connection<IO>(
     };
     match failure {
         Some(err) => {
-            tracing::warn!(session = id, error = %err, "handler failed");
+            span.in_scope(|| tracing::warn!(error = %err, "handler failed"));
             out.close(close_reason(CloseCode::Error, "internal error"));
         }
         None => out.close(close_reason(CloseCode::Normal, "")),
     }
     let _ = send_task.await;
-    tracing::debug!(session = id, reason = ?out.close_reason(), "session closed");
 }
 
 /// The HTTP phase of a connection: the TLS handshake if any, then the
@@ -1377,13 +1454,21 @@ where
         let app = app.clone();
         let upgrade = upgrade.clone();
         service_fn(move |req: http::Request<Incoming>| {
+            let metrics = app.counted_metrics();
             let response = match app.respond(req, peer) {
-                Ok((response, accepted)) => {
-                    *upgrade.lock().unwrap_or_else(|p| p.into_inner()) = Some(accepted);
+                Ok(Answer::Upgrade(response, accepted)) => {
+                    if let Some(metrics) = metrics {
+                        metrics.upgrade_accepted();
+                    }
+                    *upgrade.lock().unwrap_or_else(|p| p.into_inner()) = Some(*accepted);
                     response
                 }
+                Ok(Answer::Plain(response)) => response,
                 Err(rejection) => {
                     tracing::debug!(%peer, status = %rejection.status, "upgrade refused");
+                    if let Some(metrics) = metrics {
+                        metrics.upgrade_refused(rejection.status.as_u16());
+                    }
                     rejection.into_response()
                 }
             };
@@ -1418,10 +1503,14 @@ where
             return None;
         }
     };
+    let mut config = accepted.config;
+    if config.metrics.is_none() {
+        config.metrics = app.counted_metrics().cloned();
+    }
     let (session, send_task) = Session::start_upgraded(
         TokioIo::new(upgraded),
         Setup {
-            config: accepted.config,
+            config,
             request: accepted.request,
             raw: accepted.route.raw,
             managed: true,

@@ -21,6 +21,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::VecDeque;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::Instrument;
 
 use tokio::sync::{Semaphore, SemaphorePermit, TryAcquireError, oneshot};
 use tokio::task::JoinHandle;
@@ -35,6 +36,7 @@ use crate::config::{Config, Excess, LagNotice, RateLimit};
 use crate::error::Error;
 use crate::hub::{RecvError, Subscription, TryRecvError};
 use crate::message::{self, Bytes, CloseCode, CloseReason, Message, Utf8Bytes, close_reason};
+use crate::metrics::{Recorder, SessionMeter, now_nanos};
 use crate::policy::{OnLag, Policy};
 use crate::request::Request;
 use crate::transport::{MAX_UNANSWERED_PINGS, Meter, TUNGSTENITE_BUFFER, Transport, Wire};
@@ -63,6 +65,9 @@ pub struct Session {
     raw: bool,
     /// The stream ended (close handshake done or connection gone).
     finished: bool,
+    /// `session{id, peer, path}`: the send task runs in it, and so does a
+    /// [`Server`](crate::Server)'s handler.
+    span: tracing::Span,
 }
 
 /// A cloneable handle that sends to one session (Ktor's `outgoing`).
@@ -78,6 +83,8 @@ pub struct Outgoing {
 struct Shared {
     id: u64,
     reason: OnceLock<CloseReason>,
+    /// The reason is the client's, from its Close frame.
+    reason_by_peer: AtomicBool,
     /// Cancelled when the connection must end now: both sides stop.
     kill: CancellationToken,
     /// A close the send task must perform, with priority over queued data.
@@ -407,6 +414,18 @@ fn fit_control_frame(mut reason: CloseReason) -> CloseReason {
     reason
 }
 
+/// A peer address for a span field: the address, or `unknown`.
+struct PeerField(Option<std::net::SocketAddr>);
+
+impl fmt::Display for PeerField {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => f.write_str("unknown"),
+        }
+    }
+}
+
 /// Options the send task needs, fixed when the session starts.
 #[derive(Clone)]
 pub(crate) struct Setup {
@@ -464,10 +483,12 @@ impl Session {
             .max_write_buffer_size(TUNGSTENITE_BUFFER);
         let ws = WebSocketStream::from_raw_socket(wire, Role::Server, Some(ws_config)).await;
         let (reader, writer) = Transport::pair(ws);
+        let meter = writer.meter().clone();
         let config = setup.config;
         let shared = Arc::new(Shared {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             reason: OnceLock::new(),
+            reason_by_peer: AtomicBool::new(false),
             kill: CancellationToken::new(),
             close_request: Mutex::new(None),
             wake: Signal::default(),
@@ -499,10 +520,21 @@ impl Session {
             idle: config
                 .idle_timeout
                 .map(|timeout| Box::new(Idle::new(timeout))),
+            metrics: config
+                .metrics
+                .clone()
+                .map(|metrics| Box::new(SessionMeter::new(metrics, meter.clone()))),
         };
+        let span = tracing::info_span!(
+            "session",
+            id = shared.id,
+            peer = %PeerField(setup.request.peer_addr()),
+            path = setup.request.path(),
+        );
+        let run = task.run().instrument(span.clone());
         let handle = match &setup.tracker {
-            Some(tracker) => tracker.spawn(task.run()),
-            None => tokio::spawn(task.run()),
+            Some(tracker) => tracker.spawn(run),
+            None => tokio::spawn(run),
         };
         let session = Session {
             reader: Some(reader),
@@ -510,6 +542,7 @@ impl Session {
             request: Arc::new(setup.request),
             raw: setup.raw,
             finished: false,
+            span,
         };
         (session, handle)
     }
@@ -517,6 +550,29 @@ impl Session {
     /// A number unique to this session within the process.
     pub fn id(&self) -> u64 {
         self.out.shared.id
+    }
+
+    /// The session's `tracing` span, `session{id, peer, path}` (at `info`
+    /// level). The session's send task runs in it, and a
+    /// [`Server`](crate::Server) runs each route handler in it, so every
+    /// event the handler logs names its connection. Code of your own that
+    /// works for the session in other tasks can enter it too:
+    ///
+    /// ```no_run
+    /// # async fn demo(session: wshub::Session) {
+    /// use tracing::Instrument;
+    /// let out = session.outgoing();
+    /// tokio::spawn(
+    ///     async move {
+    ///         tracing::info!("ticking"); // logged as session{id=.. peer=.. path=..}: ticking
+    ///         let _ = out.send("tick").await;
+    ///     }
+    ///     .instrument(session.span().clone()),
+    /// );
+    /// # }
+    /// ```
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
     }
 
     /// The upgrade request: path, query, headers, peer address (Ktor's `call`).
@@ -594,11 +650,15 @@ impl Session {
                         }
                     }
                     Message::Close(ref frame) => {
-                        self.out.shared.set_reason(
-                            frame
-                                .clone()
-                                .unwrap_or_else(|| close_reason(CloseCode::Status, "")),
-                        );
+                        let reason = frame
+                            .clone()
+                            .unwrap_or_else(|| close_reason(CloseCode::Status, ""));
+                        if self.out.shared.reason.set(reason).is_ok() {
+                            self.out
+                                .shared
+                                .reason_by_peer
+                                .store(true, Ordering::Release);
+                        }
                         if self.raw {
                             return Some(msg);
                         }
@@ -1124,6 +1184,8 @@ struct SendTask {
     ping: Ping,
     /// Boxed: most sessions have none, and the send task lives as long as they do.
     idle: Option<Box<Idle>>,
+    /// The session's counts for [`Config::metrics`], if any.
+    metrics: Option<Box<SessionMeter>>,
 }
 
 /// The idle timer of a session with [`Config::idle_timeout`]. The timer is
@@ -1174,6 +1236,8 @@ struct Forwarding {
     /// Under [`Policy::Suspend`], the watch on this subscriber holding the
     /// hub's buffer full.
     stall: Option<Stall>,
+    /// The hub's delivery latency, when it is registered for metrics.
+    latency: Option<Box<Recorder>>,
 }
 
 /// How long a subscriber has kept a `Suspend` hub's buffer full.
@@ -1202,6 +1266,10 @@ impl Forwarding {
                 full_since: None,
                 last_full: Instant::now(),
             }),
+            latency: sub
+                .hub()
+                .latency()
+                .map(|latency| Box::new(Recorder::new(latency.clone()))),
             sub,
         }
     }
@@ -1292,7 +1360,24 @@ impl SendTask {
             poll_fn(|cx| self.sink.poll_shutdown(cx)),
         )
         .await;
-        tracing::trace!(session = self.shared.id, "send task done");
+        let reason = self
+            .shared
+            .reason()
+            .unwrap_or_else(|| abnormal("connection lost"));
+        let by_peer = self.shared.reason_by_peer.load(Ordering::Acquire);
+        if let Some(metrics) = self.metrics.as_deref_mut() {
+            metrics.closed(reason.code, by_peer);
+        }
+        tracing::debug!(
+            code = u16::from(reason.code),
+            reason = %reason.reason,
+            by = match (by_peer, reason.code) {
+                (true, _) => "client",
+                (false, CloseCode::Abnormal) => "nobody (no close frame)",
+                (false, _) => "server",
+            },
+            "session closed"
+        );
     }
 
     async fn serve(&mut self) -> Stop {
@@ -1341,7 +1426,7 @@ impl SendTask {
                     if self.shared.pongs.load(Ordering::Relaxed) > self.ping.pongs_at_ping {
                         self.ping.deadline = None;
                     } else {
-                        tracing::debug!(session = self.shared.id, "no pong within the timeout");
+                        tracing::debug!("no pong within the timeout");
                         return Stop::Close(CloseRequest {
                             reason: close_reason(CloseCode::Error, "ping timeout"),
                             handshake: false,
@@ -1350,7 +1435,7 @@ impl SendTask {
                     }
                 }
                 _ = poll_fn(|cx| poll_idle(&mut self.idle, &self.shared, cx)) => {
-                    tracing::debug!(session = self.shared.id, "idle timeout");
+                    tracing::debug!("idle timeout");
                     return Stop::Close(CloseRequest {
                         reason: close_reason(CloseCode::Away, "idle timeout"),
                         handshake: true,
@@ -1415,6 +1500,7 @@ impl SendTask {
             }
         }
         self.flush().await?;
+        self.flushed();
         if written > 0 {
             if let Some(idle) = self.idle.as_mut() {
                 idle.wrote = Instant::now();
@@ -1431,6 +1517,26 @@ impl SendTask {
         Ok(())
     }
 
+    /// Metrics after a flush: the delivery latency of the hub messages it
+    /// wrote, and the session's byte counts now and then.
+    fn flushed(&mut self) {
+        let recorder = self
+            .sub
+            .as_mut()
+            .and_then(|fwd| fwd.latency.as_deref_mut())
+            .filter(|recorder| recorder.has_queued());
+        if recorder.is_none() && self.metrics.is_none() {
+            return;
+        }
+        let now = now_nanos();
+        if let Some(recorder) = recorder {
+            recorder.written(now);
+        }
+        if let Some(metrics) = self.metrics.as_deref_mut() {
+            metrics.maybe_sync(now);
+        }
+    }
+
     /// A hub message (or lag report) that is already waiting, if any.
     fn try_forwarded(&mut self) -> Option<Result<Message, RecvError>> {
         match self.sub.as_mut()?.sub.try_recv() {
@@ -1443,29 +1549,26 @@ impl SendTask {
 
     /// Applies the policy to one result from the hub.
     async fn forward(&mut self, result: Result<Message, RecvError>) -> Result<(), Stop> {
-        let Some(fwd) = self.sub.as_ref() else {
+        let Some(fwd) = self.sub.as_mut() else {
             return Ok(());
         };
         match result {
-            Ok(msg) => self.write(msg).await,
+            Ok(msg) => {
+                if let Some(recorder) = fwd.latency.as_deref_mut() {
+                    recorder.queued(fwd.sub.stamp());
+                }
+                self.write(msg).await
+            }
             Err(RecvError::Lagged(skipped)) => match fwd.policy.on_lag() {
                 OnLag::SkipAhead => {
-                    tracing::debug!(
-                        session = self.shared.id,
-                        skipped,
-                        "subscriber lagged; skipping ahead"
-                    );
+                    tracing::debug!(skipped, "subscriber lagged; skipping ahead");
                     match fwd.lag_notice.as_ref().map(|notice| notice(skipped)) {
                         Some(notice) => self.write(notice).await,
                         None => Ok(()),
                     }
                 }
                 OnLag::Disconnect => {
-                    tracing::debug!(
-                        session = self.shared.id,
-                        skipped,
-                        "subscriber lagged; disconnecting"
-                    );
+                    tracing::debug!(skipped, "subscriber lagged; disconnecting");
                     fwd.sub.hub().record_disconnect();
                     Err(Stop::Close(CloseRequest {
                         reason: close_reason(
@@ -1493,7 +1596,11 @@ impl SendTask {
         }
         let payload = Bytes::copy_from_slice(&self.ping.sent.to_be_bytes());
         self.write(Message::Ping(payload)).await?;
-        self.flush().await
+        self.flush().await?;
+        if let Some(metrics) = self.metrics.as_deref_mut() {
+            metrics.sync(now_nanos());
+        }
+        Ok(())
     }
 
     /// Queues one message once the write buffer has room, giving up after
@@ -1532,7 +1639,7 @@ impl SendTask {
     }
 
     fn broken(&self, err: WsError) -> Stop {
-        tracing::debug!(session = self.shared.id, error = %err, "write failed");
+        tracing::debug!(error = %err, "write failed");
         match err {
             WsError::ConnectionClosed | WsError::AlreadyClosed => Stop::Kill,
             err => Stop::Broken(abnormal(&err.to_string())),
@@ -1542,19 +1649,13 @@ impl SendTask {
     /// The client kept a `Suspend` hub's buffer full for its stall timeout:
     /// free its place, so the publishers waiting on it go on.
     fn stalled(&mut self) -> Stop {
-        tracing::debug!(
-            session = self.shared.id,
-            "kept the hub full; closing slow client"
-        );
+        tracing::debug!("kept the hub full; closing slow client");
         self.cut_off("too slow for the hub")
     }
 
     /// The client accepted nothing for `send_timeout`: free its place in the hub.
     fn stuck(&mut self) -> Stop {
-        tracing::debug!(
-            session = self.shared.id,
-            "send timed out; closing slow client"
-        );
+        tracing::debug!("send timed out; closing slow client");
         self.cut_off("send timeout")
     }
 
@@ -1618,7 +1719,7 @@ impl SendTask {
             }
         }
         if !written {
-            tracing::debug!(session = self.shared.id, "close frame not written");
+            tracing::debug!("close frame not written");
             return;
         }
         if !handshake {

@@ -235,14 +235,26 @@ impl Stream for Transport {
 }
 
 /// Counts the bytes a connection's socket has accepted, so the send task can
-/// tell a slow client that still makes progress from a stuck one.
+/// tell a slow client that still makes progress from a stuck one, and the
+/// bytes read from it (for metrics).
 #[derive(Clone, Debug, Default)]
-pub(crate) struct Meter(Arc<AtomicU64>);
+pub(crate) struct Meter(Arc<Counts>);
+
+#[derive(Debug, Default)]
+struct Counts {
+    written: AtomicU64,
+    read: AtomicU64,
+}
 
 impl Meter {
     /// Bytes written so far.
     pub(crate) fn written(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.written.load(Ordering::Relaxed)
+    }
+
+    /// Bytes read so far.
+    pub(crate) fn read(&self) -> u64 {
+        self.0.read.load(Ordering::Relaxed)
     }
 }
 
@@ -395,7 +407,7 @@ impl<S: AsyncWrite + Unpin> Wire<S> {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             state.out.advance(n);
-            state.meter.0.fetch_add(n as u64, Ordering::Relaxed);
+            state.meter.0.written.fetch_add(n as u64, Ordering::Relaxed);
         }
         Poll::Ready(Ok(()))
     }
@@ -407,7 +419,17 @@ impl<S: AsyncRead + Unpin> AsyncRead for Wire<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.state
+                .meter
+                .0
+                .read
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
+        polled
     }
 }
 
