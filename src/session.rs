@@ -529,7 +529,7 @@ impl Session {
             "session",
             id = shared.id,
             peer = %PeerField(setup.request.peer_addr()),
-            path = setup.request.path(),
+            path = %setup.request.path(),
         );
         let run = task.run().instrument(span.clone());
         let handle = match &setup.tracker {

@@ -18,7 +18,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Mutex, broadcast, mpsc};
 use tokio_tungstenite::tungstenite::Message;
-use wshub::{Hub, HubConfig, Policy, Server};
+use wshub::{Hub, HubConfig, Metrics, Policy, Server};
 
 use crate::sys;
 
@@ -32,6 +32,9 @@ const KTOR_OUTGOING: usize = 8;
 pub enum Kind {
     /// wshub's `Server` with one `Hub`, every session `join`ed to it.
     Wshub(Policy),
+    /// The same with Prometheus metrics on (the hub registered, the server
+    /// counting), scraped once a second in the server process.
+    WshubMetrics,
     /// Ktor's chat guide: a locked set of sessions; each message is sent to
     /// each session in turn (a `String` per session) through its 8-frame
     /// outgoing channel, whose writer flushes when the channel runs dry.
@@ -46,6 +49,7 @@ impl fmt::Display for Kind {
         match self {
             Kind::Wshub(Policy::Suspend) => f.write_str("wshub"),
             Kind::Wshub(policy) => write!(f, "wshub:{policy}"),
+            Kind::WshubMetrics => f.write_str("wshub+metrics"),
             Kind::Ktor => f.write_str("ktor-pattern"),
             Kind::Axum => f.write_str("axum-pattern"),
         }
@@ -58,12 +62,13 @@ impl FromStr for Kind {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "wshub" => Ok(Kind::Wshub(Policy::Suspend)),
+            "wshub+metrics" => Ok(Kind::WshubMetrics),
             "ktor" | "ktor-pattern" => Ok(Kind::Ktor),
             "axum" | "axum-pattern" => Ok(Kind::Axum),
             _ => match s.strip_prefix("wshub:") {
                 Some(policy) => policy.parse().map(Kind::Wshub).map_err(|e| e.to_string()),
                 None => Err(format!(
-                    "unknown server {s:?}: expected wshub, wshub:<policy>, ktor or axum"
+                    "unknown server {s:?}: expected wshub, wshub:<policy>, wshub+metrics, ktor or axum"
                 )),
             },
         }
@@ -82,10 +87,29 @@ pub fn child_main(kind: Kind) -> ! {
         let addr = listener.local_addr()?;
         let connections = Arc::new(AtomicU64::new(0));
         let count: Box<dyn Fn() -> String + Send + Sync> = match kind {
-            Kind::Wshub(policy) => {
+            Kind::Wshub(_) | Kind::WshubMetrics => {
+                let policy = match kind {
+                    Kind::Wshub(policy) => policy,
+                    _ => Policy::Suspend,
+                };
                 let hub = Hub::with_config(HubConfig::default().capacity(CAPACITY).policy(policy))
                     .map_err(std::io::Error::other)?;
-                tokio::spawn(serve_wshub(listener, hub.clone()));
+                let metrics = (kind == Kind::WshubMetrics).then(Metrics::new);
+                if let Some(metrics) = &metrics {
+                    metrics
+                        .register_hub("load", &hub)
+                        .map_err(std::io::Error::other)?;
+                    // What a Prometheus server scraping every second costs.
+                    let metrics = metrics.clone();
+                    tokio::spawn(async move {
+                        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                        loop {
+                            tick.tick().await;
+                            std::hint::black_box(metrics.encode());
+                        }
+                    });
+                }
+                tokio::spawn(serve_wshub(listener, hub.clone(), metrics));
                 Box::new(move || {
                     let s = hub.stats();
                     format!(
@@ -137,11 +161,15 @@ async fn listen() -> std::io::Result<TcpListener> {
     socket.listen(4096)
 }
 
-async fn serve_wshub(listener: TcpListener, hub: Hub) {
+async fn serve_wshub(listener: TcpListener, hub: Hub, metrics: Option<Metrics>) {
     // The benchmark holds up to the open-file limit (about 20,000) sessions,
     // and has up to 200 handshakes in flight from one 127.N.0.x address,
     // more than the default max_handshakes_per_ip (64) allows one address.
-    let server = Server::new()
+    let mut server = Server::new();
+    if let Some(metrics) = metrics {
+        server = server.metrics("/metrics", metrics);
+    }
+    let server = server
         .max_connections(None)
         .max_handshakes_per_ip(None)
         .route("/ws", move |mut session| {
