@@ -84,6 +84,14 @@
 //! what is waiting into one flush; and the slow-client behaviour is a stated,
 //! counted, tested choice.
 //!
+//! # Metrics and traces
+//!
+//! [`Metrics`] exports every hub's counts, the server's sessions, handshakes,
+//! refusals, close codes and bytes, and a histogram of the time from publish
+//! to the socket write, in the Prometheus text format; [`Server::metrics`]
+//! serves them at a path. Each session runs in a `tracing` span
+//! `session{id, peer, path}` ([`Session::span`]); its close is an event on it.
+//!
 //! # Cargo features
 //!
 //! * `tls` (off by default): `Server::serve_tls` serves `wss://` through
@@ -98,6 +106,7 @@
 //! * `message.rs`: [`Message`], [`CloseReason`], the JSON helpers.
 //! * `config.rs`: [`Config`] and [`HubConfig`], with documented defaults.
 //! * `server.rs`: [`Server`]: listener, routes, handshake hook, graceful shutdown.
+//! * `metrics.rs`: [`Metrics`], the Prometheus exposition (prometheus-client).
 //! * `request.rs`: [`Request`], what a session knows of its upgrade request.
 //! * `transport.rs`: the WebSocket stream shared by a session's two halves,
 //!   and the write buffer under it that writes broadcasts without copying them.
@@ -156,6 +165,10 @@ pub mod fuzzing {
 
 /// The tungstenite crate wshub builds on, for types the re-exports lack.
 pub use tokio_tungstenite::tungstenite;
+
+/// The prometheus-client crate [`Metrics`] encodes with, for
+/// [`Metrics::register`] into a registry of your own.
+pub use prometheus_client;
 
 /// The tokio-rustls crate (and through it `rustls`) that
 /// [`Server::serve_tls`] takes its acceptor from (the `tls` feature).

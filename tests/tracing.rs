@@ -96,7 +96,10 @@ async fn a_handlers_events_carry_the_session_and_its_close_is_an_event_on_it() {
     assert!(close.contains(&span), "{close}");
     assert!(close.contains("code=1000"), "{close}");
     assert!(close.contains("reason=done here"), "{close}");
-    assert!(close.contains("by=\"client\"") || close.contains("by=client"), "{close}");
+    assert!(
+        close.contains("by=\"client\"") || close.contains("by=client"),
+        "{close}"
+    );
     server.shutdown().await;
 }
 
