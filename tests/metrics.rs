@@ -419,3 +419,52 @@ async fn the_metrics_path_answers_get_and_head_only() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_that_holds_messages_back_shows_in_the_latency() {
+    let hub = Hub::new();
+    let (server, metrics) = start(&hub).await;
+    // A client with a tiny receive buffer that reads nothing for a while.
+    let mut tcp = upgrade_raw(server.addr(), "/ws", Some(4096)).await;
+    wait_for("a subscriber", || hub.subscriber_count(), |n| *n == 1).await;
+    const SIZE: usize = 256 << 10;
+    const COUNT: usize = 8;
+    for i in 0..COUNT {
+        let payload = vec![b'a' + i as u8; SIZE];
+        let _ = hub.publish(Message::binary(payload)).await.unwrap();
+    }
+    let held = Duration::from_millis(700);
+    tokio::time::sleep(held).await;
+    // Now read it all: the greeting, then every message (64-bit length headers).
+    let expected = 2 + GREETING.len() + COUNT * (10 + SIZE);
+    let mut got = 0;
+    let mut buf = vec![0u8; 64 << 10];
+    within("every byte", async {
+        while got < expected {
+            let n = tcp.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed after {got} of {expected} bytes");
+            got += n;
+        }
+    })
+    .await;
+    drop(tcp);
+    wait_for("the session to end", || hub.subscriber_count(), |n| *n == 0).await;
+    let s = wait_for_scrape(server.addr(), |s| {
+        value(s, "wshub_sessions_open", &[]) == Some(0.0)
+    })
+    .await;
+    let (buckets, sum, count) = histogram(&s, "wshub_delivery_latency_seconds", "chat");
+    assert_eq!(count, COUNT as f64, "{buckets:?}");
+    let within_half_second = buckets
+        .iter()
+        .find(|(le, _)| *le == 0.5)
+        .map(|(_, n)| *n)
+        .unwrap();
+    assert!(
+        within_half_second < count,
+        "messages the client held back for {held:?} were timed before the socket took them: {buckets:?}"
+    );
+    assert!(sum >= 0.5, "{sum}");
+    drop(metrics);
+    server.shutdown().await;
+}
