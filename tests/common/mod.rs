@@ -1,5 +1,6 @@
 //! What several test files share: bounded waits, Ktor's SharedFlow route,
-//! and hand-built client frames.
+//! hand-built client frames, and (in `process`) example binaries and a
+//! Python `websockets` as child processes.
 
 // Each test binary compiles this module and uses its own part of it.
 #![allow(dead_code)]
@@ -14,6 +15,7 @@ use wshub::{Hub, Server};
 mod frames;
 #[allow(unused_imports)] // as dead_code above: each test binary uses its own part
 pub use frames::{MASK, client_frame, frame_header, masked};
+pub mod process;
 
 /// How long one step of a test may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(5);
