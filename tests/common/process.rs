@@ -118,6 +118,23 @@ impl ExampleProcess {
         lines.iter().map(|l| format!("{l}\n")).collect()
     }
 
+    /// Its process id, to send it a signal.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits up to `limit` for it to exit by itself; `None` if it did not.
+    pub fn wait_for_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+
     /// Kills it and waits for it to exit; returns how it exited.
     pub fn kill(&mut self) -> Option<ExitStatus> {
         let _ = self.child.kill();
@@ -190,6 +207,29 @@ pub fn build_example(name: &str, features: &[&str]) -> PathBuf {
     let mut cmd = Command::new(env!("CARGO"));
     cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
         .args(["build", "--example", name]);
+    // What `cargo test` sets for the test binary about its package: a
+    // dependency whose build watches these (ring) would be rebuilt for this
+    // build, and again for the next `cargo test`.
+    for (var, _) in std::env::vars_os() {
+        let text = var.to_string_lossy();
+        let set_for_the_test = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+        ]
+        .iter()
+        .any(|prefix| text.starts_with(prefix))
+            || [
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+            ]
+            .contains(&text.as_ref());
+        if set_for_the_test {
+            cmd.env_remove(&var);
+        }
+    }
     if !features.is_empty() {
         cmd.arg("--features").arg(features.join(","));
     }
