@@ -7,6 +7,7 @@
 //! socket.
 #![cfg(feature = "axum")]
 
+use std::future::IntoFuture as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,7 +30,7 @@ mod common;
 use common::process::{
     ExampleProcess, build_example, free_port, no_proxy, require_python_websockets, run_bounded,
 };
-use common::{GREETING, WAIT, within, within_for};
+use common::{GREETING, WAIT, sharedflow_session, within, within_for};
 
 /// An axum app served on 127.0.0.1:0 until its shutdown signal fires.
 struct Served {
@@ -82,28 +83,35 @@ impl Served {
     }
 }
 
-use std::future::IntoFuture as _;
-
 /// Ktor's SharedFlow route for `sessions`.
 fn sharedflow_route(sessions: &Sessions, hub: &Hub) -> axum::routing::MethodRouter {
     let hub = hub.clone();
-    sessions.route(move |mut session| {
-        let hub = hub.clone();
-        async move {
-            let subscription = hub.subscribe();
-            session.send(GREETING).await?;
-            session.join(subscription).await;
-            Ok::<_, wshub::Error>(())
-        }
-    })
+    sessions.route(move |session| sharedflow_session(session, hub.clone()))
+}
+
+/// `GET path` without upgrade headers, answered in full.
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    http_raw(addr, request).await
+}
+
+/// The sample key of RFC 6455.
+const RFC_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+/// An upgrade request for `/ws` with this key and version.
+fn upgrade_request(key: &str, version: &str) -> String {
+    format!(
+        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: {version}\r\n\r\n"
+    )
 }
 
 /// Sends a raw HTTP request and reads the whole answer (the server closes).
-async fn http_raw(addr: SocketAddr, request: &str) -> String {
+async fn http_raw(addr: SocketAddr, request: impl AsRef<[u8]>) -> String {
     let mut tcp = within("a TCP connection", TcpStream::connect(addr))
         .await
         .expect("connect");
-    within("the request", tcp.write_all(request.as_bytes()))
+    within("the request", tcp.write_all(request.as_ref()))
         .await
         .expect("write the request");
     let mut answer = Vec::new();
@@ -126,11 +134,7 @@ async fn a_wshub_route_serves_sessions_next_to_ordinary_axum_routes() {
         .route("/ws", sharedflow_route(&sessions, &hub));
     let mut served = Served::start(app, &sessions).await;
 
-    let health = http_raw(
-        served.addr,
-        "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    )
-    .await;
+    let health = http_get(served.addr, "/health").await;
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
     assert!(health.ends_with("ok"), "{health}");
 
@@ -291,11 +295,7 @@ async fn bad_handshakes_get_the_servers_statuses() {
     let app = Router::new().route("/ws", sharedflow_route(&sessions, &Hub::new()));
     let mut served = Served::start(app, &sessions).await;
 
-    let plain = http_raw(
-        served.addr,
-        "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    )
-    .await;
+    let plain = http_get(served.addr, "/ws").await;
     assert!(plain.starts_with("HTTP/1.1 400"), "{plain}");
     assert!(
         plain.contains("missing \"Upgrade: websocket\" header"),
@@ -308,12 +308,7 @@ async fn bad_handshakes_get_the_servers_statuses() {
         "{plain}"
     );
 
-    let v8 = http_raw(
-        served.addr,
-        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n",
-    )
-    .await;
+    let v8 = http_raw(served.addr, upgrade_request(RFC_KEY, "8")).await;
     assert!(v8.starts_with("HTTP/1.1 426"), "{v8}");
     assert!(
         v8.to_ascii_lowercase()
@@ -322,12 +317,7 @@ async fn bad_handshakes_get_the_servers_statuses() {
     );
     assert!(v8.contains("only version 13 is supported"), "{v8}");
 
-    let short_key = http_raw(
-        served.addr,
-        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: c2hvcnQ=\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await;
+    let short_key = http_raw(served.addr, upgrade_request("c2hvcnQ=", "13")).await;
     assert!(short_key.starts_with("HTTP/1.1 400"), "{short_key}");
     assert!(short_key.contains("16 bytes"), "{short_key}");
 
@@ -384,12 +374,7 @@ async fn an_upgrade_once_shutdown_began_is_refused_with_503() {
     // axum keeps serving; only the sessions are shutting down.
     let mut served = Served::start(app, &sessions.clone()).await;
     sessions.shutdown();
-    let answer = http_raw(
-        served.addr,
-        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await;
+    let answer = http_raw(served.addr, upgrade_request(RFC_KEY, "13")).await;
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(
         answer.to_ascii_lowercase().contains("retry-after: 1"),
@@ -473,17 +458,7 @@ async fn post(addr: SocketAddr, path: &str, body: &[u8]) -> String {
     );
     let mut request = head.into_bytes();
     request.extend_from_slice(body);
-    let mut tcp = within("a TCP connection", TcpStream::connect(addr))
-        .await
-        .expect("connect");
-    within("the request", tcp.write_all(&request))
-        .await
-        .expect("write");
-    let mut answer = Vec::new();
-    within("the answer", tcp.read_to_end(&mut answer))
-        .await
-        .expect("read");
-    String::from_utf8_lossy(&answer).into_owned()
+    http_raw(addr, request).await
 }
 
 /// The Python client: greeted, says hello, hears the Rust client and the
@@ -536,11 +511,7 @@ async fn the_example_serves_health_ws_and_publish_to_rust_and_python_clients() {
     );
     let addr = server.addr;
 
-    let health = http_raw(
-        addr,
-        "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    )
-    .await;
+    let health = http_get(addr, "/health").await;
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
     let nobody = post(addr, "/publish", b"into the void").await;
     assert!(nobody.starts_with("HTTP/1.1 202"), "{nobody}");
@@ -574,14 +545,7 @@ async fn the_example_serves_health_ws_and_publish_to_rust_and_python_clients() {
     let out = within_for(Duration::from_secs(100), "the Python client", script)
         .await
         .expect("the Python client's thread");
-    assert!(
-        out.status.success(),
-        "the Python client failed ({})\n--- stdout\n{}--- stderr\n{}--- server log\n{}",
-        out.status,
-        out.stdout,
-        out.stderr,
-        server.log()
-    );
+    out.assert_success("the Python client", &server.log());
     let lines: Vec<&str> = out.stdout.lines().collect();
     assert_eq!(
         lines,

@@ -54,14 +54,7 @@ fn python_clients_chat_through_the_sharedflow_example() {
     if out.status.code() == Some(3) {
         panic!("{PIP_HINT}\n{}", out.stderr);
     }
-    assert!(
-        out.status.success(),
-        "chat.py failed ({})\n--- stdout\n{}--- stderr\n{}--- server log\n{}",
-        out.status,
-        out.stdout,
-        out.stderr,
-        server.log()
-    );
+    out.assert_success("chat.py", &server.log());
 
     let blob = r"b'\x00\x01binary from Python\xff'";
     let expected = [

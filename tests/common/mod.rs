@@ -9,7 +9,7 @@ use std::fmt::Debug;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use wshub::{Hub, Server};
+use wshub::{Hub, Server, Session};
 
 // Also compiled into the fuzz targets (fuzz/src/lib.rs), which are a crate of their own.
 mod frames;
@@ -68,15 +68,17 @@ pub const GREETING: &str = "You are connected to WebSocket!";
 
 /// Ktor's SharedFlow route at `/ws`: subscribe, greet, then join the hub.
 pub fn sharedflow(hub: Hub) -> Server {
-    Server::new().route("/ws", move |mut session| {
-        let hub = hub.clone();
-        async move {
-            let subscription = hub.subscribe();
-            session.send(GREETING).await?;
-            session.join(subscription).await;
-            Ok::<_, wshub::Error>(())
-        }
+    Server::new().route("/ws", move |session| {
+        sharedflow_session(session, hub.clone())
     })
+}
+
+/// Ktor's SharedFlow handler: subscribe, greet, then join the hub.
+pub async fn sharedflow_session(mut session: Session, hub: Hub) -> Result<(), wshub::Error> {
+    let subscription = hub.subscribe();
+    session.send(GREETING).await?;
+    session.join(subscription).await;
+    Ok(())
 }
 
 /// Opens a TCP connection to `addr` (with a receive buffer of `rcvbuf`

@@ -336,6 +336,20 @@ pub struct Finished {
     pub stderr: String,
 }
 
+impl Finished {
+    /// Fails the test unless the command succeeded, with what it printed
+    /// and `server_log`.
+    pub fn assert_success(&self, what: &str, server_log: &str) {
+        assert!(
+            self.status.success(),
+            "{what} failed ({})\n--- stdout\n{}--- stderr\n{}--- server log\n{server_log}",
+            self.status,
+            self.stdout,
+            self.stderr,
+        );
+    }
+}
+
 /// Runs `cmd` to completion, killing it and failing the test after `limit`.
 pub fn run_bounded(cmd: &mut Command, limit: Duration, what: &str) -> Finished {
     let mut child = cmd
