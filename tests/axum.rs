@@ -17,6 +17,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::response::Response;
 use axum::routing::get;
+use axum::serve::ListenerExt as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -45,6 +46,8 @@ impl Served {
     async fn start(app: Router, sessions: &Sessions) -> Served {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local_addr");
+        // The socket options Server sets, which send_timeout relies on.
+        let listener = listener.tap_io(wshub::axum::tune);
         let (stop, stopped) = oneshot::channel::<()>();
         let signal = sessions.graceful(async {
             let _ = stopped.await;
@@ -284,6 +287,49 @@ async fn the_config_limits_and_timeouts_apply_to_axum_sessions() {
         since.elapsed()
     );
 
+    served.shut_down();
+    served.returned().await;
+    within("Sessions::wait", sessions.wait()).await;
+}
+
+/// A client that reads nothing: its session is closed with 1013 "send
+/// timeout" once its socket has taken nothing for `send_timeout`.
+#[tokio::test]
+async fn the_send_timeout_cuts_off_a_client_that_reads_nothing() {
+    let send_timeout = Duration::from_millis(300);
+    let config = Config::default()
+        .ping_period(None)
+        .send_timeout(send_timeout)
+        .close_timeout(Duration::from_millis(300));
+    let sessions = Sessions::new(config);
+    let (tx, mut ended) = mpsc::unbounded_channel();
+    let app = Router::new().route(
+        "/flood",
+        sessions.route(move |mut session: Session| {
+            let tx = tx.clone();
+            async move {
+                let out = session.outgoing();
+                let big = Message::binary(vec![7u8; 64 << 10]);
+                while out.send(big.clone()).await.is_ok() {}
+                while session.recv().await.is_some() {}
+                let _ = tx.send(session.close_reason());
+            }
+        }),
+    );
+    let mut served = Served::start(app, &sessions).await;
+    // A small receive buffer, and never a read: the server's socket fills.
+    let stuck = common::upgrade_raw(served.addr, "/flood", Some(4096)).await;
+    let since = Instant::now();
+    let reason = within("the session to end", ended.recv())
+        .await
+        .expect("the handler's report")
+        .expect("a close reason");
+    assert_eq!(
+        (u16::from(reason.code), reason.reason.as_str()),
+        (1013, "send timeout")
+    );
+    assert!(since.elapsed() >= send_timeout, "{:?}", since.elapsed());
+    drop(stuck);
     served.shut_down();
     served.returned().await;
     within("Sessions::wait", sessions.wait()).await;
