@@ -97,6 +97,10 @@
 //! * `tls` (off by default): `Server::serve_tls` serves `wss://` through
 //!   tokio-rustls, re-exported as `wshub::tokio_rustls`. Without it, terminate
 //!   TLS in a proxy in front of [`Server::serve`].
+//! * `axum` (off by default): `wshub::axum`, WebSocket routes inside an axum
+//!   application: the `WebSocketUpgrade` extractor, and `Sessions`, which
+//!   runs wshub sessions with a [`Config`] and closes them with 1001 at
+//!   axum's graceful shutdown.
 //!
 //! # Layout
 //!
@@ -108,6 +112,8 @@
 //! * `server.rs`: [`Server`]: listener, routes, handshake hook, graceful shutdown.
 //! * `metrics.rs`: [`Metrics`], the Prometheus exposition (prometheus-client).
 //! * `request.rs`: [`Request`], what a session knows of its upgrade request.
+//! * `axum.rs` (the `axum` feature): `wshub::axum`, sessions in an axum
+//!   router, upgraded and shut down as [`Server`] does it.
 //! * `transport.rs`: the WebSocket stream shared by a session's two halves,
 //!   and the write buffer under it that writes broadcasts without copying them.
 //! * `error.rs`: [`Error`].
@@ -118,7 +124,7 @@
 //! | Ktor | wshub |
 //! |---|---|
 //! | `install(WebSockets) { pingPeriod, timeout, maxFrameSize }` | [`Config`] |
-//! | `routing { webSocket("/path") { } }` | [`Server::route`] |
+//! | `routing { webSocket("/path") { } }` | [`Server::route`]; in axum, `wshub::axum::Sessions::route` |
 //! | `webSocketRaw` | [`Server::raw_route`] |
 //! | `incoming`, `outgoing`, `send`, `close(reason)`, `closeReason`, `flush()`, `terminate()`, `call` | [`Session::incoming`], [`Session::outgoing`], [`Session::send`], [`Session::close`], [`Session::close_reason`], [`Session::flush`], [`Session::terminate`], [`Session::request`] |
 //! | `sendSerialized` / `receiveDeserialized` | [`Session::send_json`] / [`Session::receive_json`] |
@@ -131,6 +137,8 @@
 //! *onError* are `recv` returning `None`, after which [`Session::close_reason`]
 //! says which (the client's Close frame, or 1006 and the error's text).
 
+#[cfg(feature = "axum")]
+pub mod axum;
 mod config;
 mod error;
 mod hub;

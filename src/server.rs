@@ -67,7 +67,7 @@ impl<E: fmt::Display + Send + 'static> HandlerOutput for Result<(), E> {
     }
 }
 
-type HandlerResult = Option<String>;
+pub(crate) type HandlerResult = Option<String>;
 
 /// An HTTP answer that refuses an upgrade, from the handshake hook.
 ///
@@ -120,12 +120,15 @@ impl Rejection {
         &self.body
     }
 
-    fn into_response(self) -> http::Response<Full<Bytes>> {
+    /// The HTTP answer: the status, the headers, the body with a final
+    /// newline, as plain text, with `Connection: close`. Generic over the
+    /// body type, so that hyper's `Full` and axum's `Body` share it.
+    pub(crate) fn into_http<B: From<Bytes>>(self) -> http::Response<B> {
         let mut body = self.body;
         if !body.ends_with('\n') {
             body.push('\n');
         }
-        let mut response = http::Response::new(Full::new(Bytes::from(body)));
+        let mut response = http::Response::new(B::from(Bytes::from(body)));
         *response.status_mut() = self.status;
         response
             .headers_mut()
@@ -197,6 +200,11 @@ pub struct Server {
     /// Where [`Server::metrics`] counts, and the path it serves them at.
     metrics: Option<(String, Metrics)>,
 }
+
+/// How long a shutdown waits for sessions before it aborts them, unless
+/// told otherwise ([`Server::shutdown_timeout`], and `Sessions` of the
+/// `axum` feature).
+pub(crate) const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A slot among [`Server::max_connections`], held from the accepted upgrade
 /// to the end of the session.
@@ -346,7 +354,7 @@ pub(crate) const NOTSENT_LOWAT: u32 = 16 << 10;
 
 /// Socket options for an accepted connection: no Nagle delay (frames are
 /// already gathered into one write), and [`NOTSENT_LOWAT`].
-fn tune(tcp: &tokio::net::TcpStream) {
+pub(crate) fn tune(tcp: &tokio::net::TcpStream) {
     let _ = tcp.set_nodelay(true);
     #[cfg(any(target_os = "linux", target_os = "android"))]
     {
@@ -374,7 +382,7 @@ impl Server {
             routes: HashMap::new(),
             config: Config::default(),
             hook: None,
-            shutdown_timeout: Duration::from_secs(10),
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             max_connections: Some(10_000),
             max_handshakes: 1024,
             max_handshakes_per_ip: Some(64),
@@ -968,7 +976,7 @@ impl Server {
         self.check_origin(req.headers())?;
         let on_upgrade = hyper::upgrade::on(&mut req);
         let (parts, _body) = req.into_parts();
-        let request = Request::borrowed(parts, peer);
+        let request = Request::borrowed(parts.method, parts.uri, parts.headers, Some(peer));
         let mut config = route.config.clone().unwrap_or_else(|| self.config.clone());
         if let Some(hook) = &self.hook {
             hook(&request, &mut config)?;
@@ -976,14 +984,8 @@ impl Server {
         let slot = self.reserve()?;
         // What the session keeps does not grow with what the client sent.
         let request = request.keeping(&self.session_headers);
-        let mut response = http::Response::new(Full::new(Bytes::new()));
-        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        let headers = response.headers_mut();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
         Ok(Answer::Upgrade(
-            response,
+            switching_protocols(accept),
             Box::new(Upgrade {
                 on_upgrade,
                 route,
@@ -1032,6 +1034,18 @@ fn scrape(method: &Method, metrics: &Metrics) -> Result<http::Response<Full<Byte
     Ok(response)
 }
 
+/// The `101 Switching Protocols` that accepts an upgrade, with its
+/// `Sec-WebSocket-Accept` value (from [`check_upgrade`]) and an empty body.
+pub(crate) fn switching_protocols<B: From<Bytes>>(accept: HeaderValue) -> http::Response<B> {
+    let mut response = http::Response::new(B::from(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    response
+}
+
 /// An accepted upgrade, run once hyper hands over the connection.
 struct Upgrade {
     on_upgrade: OnUpgrade,
@@ -1075,7 +1089,7 @@ fn head_len<B>(req: &http::Request<B>) -> usize {
 
 /// Checks an upgrade request against RFC 6455 §4.2.1 and returns the
 /// `Sec-WebSocket-Accept` value.
-fn check_upgrade(
+pub(crate) fn check_upgrade(
     method: &Method,
     version: Version,
     headers: &HeaderMap,
@@ -1392,6 +1406,26 @@ async fn connection<IO>(
     let Some((session, send_task, handler, _slot)) = opened else {
         return;
     };
+    run_session(session, send_task, |session| handler(session), &stop).await;
+}
+
+/// Runs a started session to its end under a handler, as every managed
+/// session runs (a [`Server`]'s and, with the `axum` feature, one of
+/// `wshub::axum::Sessions`): the handler gets the session; when it returns
+/// the session closes with 1000, or 1011 "internal error" if it failed; when
+/// `stop` fires first, the session closes with 1001 after what the hub
+/// already holds for it, and the handler is still awaited. Returns once the
+/// send task has ended. Dropped before that (aborted at a shutdown
+/// timeout), it kills the connection and aborts the send task.
+pub(crate) async fn run_session<F, Fut>(
+    session: Session,
+    send_task: JoinHandle<()>,
+    handler: F,
+    stop: &CancellationToken,
+) where
+    F: FnOnce(Session) -> Fut,
+    Fut: Future<Output = HandlerResult>,
+{
     // If this task is aborted (shutdown_timeout), the send task goes with it.
     let send_task = AbortOnDropHandle::new(send_task);
     let out = session.outgoing();
@@ -1469,14 +1503,14 @@ where
                     if let Some(metrics) = metrics {
                         metrics.upgrade_refused(rejection.status.as_u16());
                     }
-                    rejection.into_response()
+                    rejection.into_http()
                 }
             };
             async move { Ok::<_, Infallible>(response) }
         })
     };
     // One request per connection: every refusal carries `Connection: close`
-    // (see `Rejection::into_response`), so hyper ends the connection after
+    // (see `Rejection::into_http`), so hyper ends the connection after
     // it. A WebSocket endpoint has nothing to serve on a connection whose
     // first request was refused; the client opens a new one to retry, as
     // browsers do. With keep-alive, a client could hold its handshake place

@@ -90,11 +90,7 @@ impl TestServer {
     ///
     /// If the handshake fails or takes longer than [`DEFAULT_TIMEOUT`].
     pub async fn connect(&self, path: &str) -> TestClient {
-        match tokio::time::timeout(DEFAULT_TIMEOUT, self.try_connect(path)).await {
-            Ok(Ok(client)) => client,
-            Ok(Err(err)) => panic!("connecting to {} failed: {err}", self.url(path)),
-            Err(_) => panic!("connecting to {} timed out", self.url(path)),
-        }
+        TestClient::connect(&self.url(path)).await
     }
 
     /// Opens a client on `path`, returning the handshake error instead of panicking.
@@ -107,16 +103,7 @@ impl TestServer {
         &self,
         path: &str,
     ) -> Result<TestClient, tokio_tungstenite::tungstenite::Error> {
-        let config = WebSocketConfig::default()
-            .max_message_size(None)
-            .max_frame_size(None);
-        let (ws, _) =
-            tokio_tungstenite::connect_async_with_config(self.url(path), Some(config), true)
-                .await?;
-        Ok(TestClient {
-            ws,
-            timeout: DEFAULT_TIMEOUT,
-        })
+        TestClient::try_connect(&self.url(path)).await
     }
 
     /// Shuts the server down gracefully and waits for it (Close 1001 to every
@@ -163,6 +150,53 @@ pub struct TestClient {
 }
 
 impl TestClient {
+    /// Opens a client on `url` (`ws://...`), for a server other than a
+    /// [`TestServer`]: one embedded in axum, or your own.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use wshub::testing::{TestClient, TestServer};
+    ///
+    /// let server = wshub::Server::new().route("/ws", |mut session| async move {
+    ///     session.send("hi").await
+    /// });
+    /// let server = TestServer::start(server).await;
+    /// let mut client = TestClient::connect(&server.url("/ws")).await;
+    /// client.expect_text("hi").await;
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If the handshake fails or takes longer than [`DEFAULT_TIMEOUT`].
+    pub async fn connect(url: &str) -> TestClient {
+        match tokio::time::timeout(DEFAULT_TIMEOUT, TestClient::try_connect(url)).await {
+            Ok(Ok(client)) => client,
+            Ok(Err(err)) => panic!("connecting to {url} failed: {err}"),
+            Err(_) => panic!("connecting to {url} timed out"),
+        }
+    }
+
+    /// Opens a client on `url`, returning the handshake error instead of
+    /// panicking; it takes messages and frames of any size.
+    ///
+    /// # Errors
+    ///
+    /// tungstenite's error, e.g. `Http(response)` when the server refused the
+    /// upgrade with a status.
+    pub async fn try_connect(
+        url: &str,
+    ) -> Result<TestClient, tokio_tungstenite::tungstenite::Error> {
+        let config = WebSocketConfig::default()
+            .max_message_size(None)
+            .max_frame_size(None);
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true).await?;
+        Ok(TestClient {
+            ws,
+            timeout: DEFAULT_TIMEOUT,
+        })
+    }
+
     /// Changes how long the helpers wait before failing (default [`DEFAULT_TIMEOUT`]).
     #[must_use]
     pub fn with_timeout(mut self, timeout: Duration) -> TestClient {

@@ -1,5 +1,6 @@
 //! What several test files share: bounded waits, Ktor's SharedFlow route,
-//! and hand-built client frames.
+//! hand-built client frames, and (in `process`) example binaries and a
+//! Python `websockets` as child processes.
 
 // Each test binary compiles this module and uses its own part of it.
 #![allow(dead_code)]
@@ -8,12 +9,13 @@ use std::fmt::Debug;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use wshub::{Hub, Server};
+use wshub::{Hub, Server, Session};
 
 // Also compiled into the fuzz targets (fuzz/src/lib.rs), which are a crate of their own.
 mod frames;
 #[allow(unused_imports)] // as dead_code above: each test binary uses its own part
 pub use frames::{MASK, client_frame, frame_header, masked};
+pub mod process;
 
 /// How long one step of a test may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(5);
@@ -66,15 +68,17 @@ pub const GREETING: &str = "You are connected to WebSocket!";
 
 /// Ktor's SharedFlow route at `/ws`: subscribe, greet, then join the hub.
 pub fn sharedflow(hub: Hub) -> Server {
-    Server::new().route("/ws", move |mut session| {
-        let hub = hub.clone();
-        async move {
-            let subscription = hub.subscribe();
-            session.send(GREETING).await?;
-            session.join(subscription).await;
-            Ok::<_, wshub::Error>(())
-        }
+    Server::new().route("/ws", move |session| {
+        sharedflow_session(session, hub.clone())
     })
+}
+
+/// Ktor's SharedFlow handler: subscribe, greet, then join the hub.
+pub async fn sharedflow_session(mut session: Session, hub: Hub) -> Result<(), wshub::Error> {
+    let subscription = hub.subscribe();
+    session.send(GREETING).await?;
+    session.join(subscription).await;
+    Ok(())
 }
 
 /// Opens a TCP connection to `addr` (with a receive buffer of `rcvbuf`
