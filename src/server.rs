@@ -1432,19 +1432,21 @@ pub(crate) async fn run_session<F, Fut>(
     let _guard = out.kill_on_drop();
     let span = session.span().clone();
     span.in_scope(|| tracing::debug!("session open"));
-    let handler = handler(session).instrument(span.clone());
+    let handler = handler(session).instrument(span);
     tokio::pin!(handler);
     // Watched here, once per connection, rather than in every send-task wake-up.
     let failure = tokio::select! {
         failure = &mut handler => failure,
         _ = stop.cancelled() => {
             out.close_for_shutdown();
-            handler.await
+            (&mut handler).await
         }
     };
     match failure {
         Some(err) => {
-            span.in_scope(|| tracing::warn!(error = %err, "handler failed"));
+            handler
+                .span()
+                .in_scope(|| tracing::warn!(error = %err, "handler failed"));
             out.close(close_reason(CloseCode::Error, "internal error"));
         }
         None => out.close(close_reason(CloseCode::Normal, "")),

@@ -65,9 +65,6 @@ pub struct Session {
     raw: bool,
     /// The stream ended (close handshake done or connection gone).
     finished: bool,
-    /// `session{id, peer, path}`: the send task runs in it, and so does a
-    /// [`Server`](crate::Server)'s handler.
-    span: tracing::Span,
 }
 
 /// A cloneable handle that sends to one session (Ktor's `outgoing`).
@@ -82,6 +79,10 @@ pub struct Outgoing {
 /// State shared by a session, its send task and its [`Outgoing`] handles.
 struct Shared {
     id: u64,
+    /// `session{id, peer, path}`: the send task runs in it, and so does a
+    /// [`Server`](crate::Server)'s handler. Kept here, once, rather than in
+    /// each future that carries the session.
+    span: tracing::Span,
     reason: OnceLock<CloseReason>,
     /// The reason is the client's, from its Close frame.
     reason_by_peer: AtomicBool,
@@ -485,8 +486,15 @@ impl Session {
         let (reader, writer) = Transport::pair(ws);
         let meter = writer.meter().clone();
         let config = setup.config;
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(Shared {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            id,
+            span: tracing::info_span!(
+                "session",
+                id,
+                peer = %PeerField(setup.request.peer_addr()),
+                path = %setup.request.path(),
+            ),
             reason: OnceLock::new(),
             reason_by_peer: AtomicBool::new(false),
             kill: CancellationToken::new(),
@@ -525,13 +533,7 @@ impl Session {
                 .clone()
                 .map(|metrics| Box::new(SessionMeter::new(metrics, meter.clone()))),
         };
-        let span = tracing::info_span!(
-            "session",
-            id = shared.id,
-            peer = %PeerField(setup.request.peer_addr()),
-            path = %setup.request.path(),
-        );
-        let run = task.run().instrument(span.clone());
+        let run = task.run().instrument(shared.span.clone());
         let handle = match &setup.tracker {
             Some(tracker) => tracker.spawn(run),
             None => tokio::spawn(run),
@@ -542,7 +544,6 @@ impl Session {
             request: Arc::new(setup.request),
             raw: setup.raw,
             finished: false,
-            span,
         };
         (session, handle)
     }
@@ -572,7 +573,7 @@ impl Session {
     /// # }
     /// ```
     pub fn span(&self) -> &tracing::Span {
-        &self.span
+        &self.out.shared.span
     }
 
     /// The upgrade request: path, query, headers, peer address (Ktor's `call`).
