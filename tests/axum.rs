@@ -337,7 +337,8 @@ async fn the_send_timeout_cuts_off_a_client_that_reads_nothing() {
 
 #[tokio::test]
 async fn bad_handshakes_get_the_servers_statuses() {
-    let sessions = Sessions::default();
+    let metrics = wshub::Metrics::new();
+    let sessions = Sessions::new(Config::default().metrics(Some(metrics.clone())));
     let app = Router::new().route("/ws", sharedflow_route(&sessions, &Hub::new()));
     let mut served = Served::start(app, &sessions).await;
 
@@ -374,6 +375,27 @@ async fn bad_handshakes_get_the_servers_statuses() {
     served.shut_down();
     served.returned().await;
     within("Sessions::wait", sessions.wait()).await;
+    // Counted in the sessions' metrics: two 400s, one 426, one upgrade and
+    // its session (ended by the client's reset, or by the shutdown if that
+    // came first).
+    let text = metrics.encode();
+    for line in [
+        "wshub_upgrades_refused_total{status=\"400\"} 2",
+        "wshub_upgrades_refused_total{status=\"426\"} 1",
+        "wshub_upgrades_accepted_total 1",
+        "wshub_sessions_open 0",
+    ] {
+        assert!(text.contains(line), "no {line:?} in:\n{text}");
+    }
+    let closed: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("wshub_sessions_closed_total{"))
+        .collect();
+    assert!(
+        closed == ["wshub_sessions_closed_total{code=\"1006\",direction=\"none\"} 1"]
+            || closed == ["wshub_sessions_closed_total{code=\"1001\",direction=\"sent\"} 1"],
+        "{text}"
+    );
 }
 
 #[tokio::test]
