@@ -259,6 +259,12 @@ impl Hub {
     /// [`Error::Config`] if `config.capacity` is 0 or more than
     /// [`HubConfig::MAX_CAPACITY`].
     pub fn with_config(config: HubConfig) -> Result<Hub, Error> {
+        Self::check_config(&config)?;
+        Ok(Self::build(config))
+    }
+
+    /// The checks of [`with_config`](Self::with_config), without building.
+    pub(crate) fn check_config(config: &HubConfig) -> Result<(), Error> {
         if config.capacity == 0 {
             return Err(Error::Config(
                 "hub capacity must be at least 1 (one message buffered)".into(),
@@ -272,7 +278,7 @@ impl Hub {
                 HubConfig::MAX_CAPACITY
             )));
         }
-        Ok(Self::build(config))
+        Ok(())
     }
 
     fn build(config: HubConfig) -> Hub {

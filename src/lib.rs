@@ -149,6 +149,7 @@ mod request;
 mod server;
 mod session;
 pub mod testing;
+mod topics;
 mod transport;
 
 pub use config::{Config, Excess, HubConfig, LagNotice, RateLimit};
@@ -162,6 +163,7 @@ pub use policy::{ParsePolicyError, Policy};
 pub use request::Request;
 pub use server::{HandlerOutput, Rejection, Server};
 pub use session::{Outgoing, Session};
+pub use topics::{TopicError, Topics, TopicsConfig};
 
 /// Entry points for the fuzz targets in `fuzz/`; they exist only in builds
 /// with `--cfg fuzzing`, which `cargo fuzz` sets.

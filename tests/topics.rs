@@ -1,0 +1,188 @@
+//! Topics: a registry of named hubs, created on first use, freed with their
+//! last subscriber, bounded in count and name.
+
+mod common;
+
+use common::{GREETING, wait_for};
+use wshub::testing::TestServer;
+use wshub::{HubConfig, Message, Policy, Published, Server, TopicError, Topics, TopicsConfig};
+
+/// A route where each client joins the topic its `?topic=` names.
+fn rooms(topics: Topics) -> Server {
+    Server::new().route("/room", move |mut session| {
+        let topics = topics.clone();
+        async move {
+            let name = session.request().query_param("topic").unwrap_or_default();
+            let subscription = match topics.subscribe(&name) {
+                Ok(subscription) => subscription,
+                Err(err) => {
+                    let _ = session.send(format!("refused: {err}")).await;
+                    return;
+                }
+            };
+            let _ = session.send(GREETING).await;
+            session.join(subscription).await;
+        }
+    })
+}
+
+#[tokio::test]
+async fn clients_hear_their_own_topic_only_and_a_topic_ends_with_its_last_client() {
+    let topics = Topics::default();
+    let server = TestServer::start(rooms(topics.clone())).await;
+    let mut ann = server.connect("/room?topic=kitchen").await;
+    let mut bob = server.connect("/room?topic=kitchen").await;
+    let mut cid = server.connect("/room?topic=garden").await;
+    for client in [&mut ann, &mut bob, &mut cid] {
+        client.expect_text(GREETING).await;
+    }
+    assert_eq!(topics.len(), 2);
+    let mut names = topics.names();
+    names.sort();
+    assert_eq!(names, ["garden", "kitchen"]);
+
+    ann.send("in the kitchen").await;
+    ann.expect_text("in the kitchen").await;
+    bob.expect_text("in the kitchen").await;
+    cid.send("in the garden").await;
+    cid.expect_text("in the garden").await;
+    // Each client's next message proves it heard nothing of the other
+    // topic in between.
+    bob.send("still the kitchen").await;
+    bob.expect_text("still the kitchen").await;
+
+    // From outside a session, too.
+    let published = topics
+        .publish("garden", Message::text("from the service"))
+        .await
+        .unwrap();
+    assert_eq!(published, Published::Queued);
+    cid.expect_text("from the service").await;
+
+    cid.close(None).await;
+    wait_for("the garden to go", || topics.len(), |n| *n == 1).await;
+    assert!(topics.get("garden").is_none());
+    assert_eq!(
+        topics
+            .publish("garden", Message::text("anyone?"))
+            .await
+            .unwrap(),
+        Published::NoSubscribers
+    );
+    assert_eq!(topics.len(), 1, "a publish creates no topic");
+    ann.close(None).await;
+    bob.close(None).await;
+    wait_for("every topic to go", || topics.len(), |n| *n == 0).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_names_are_refused_with_the_reason() {
+    let topics = Topics::new(TopicsConfig::default().max_name_len(8)).unwrap();
+    for (name, why) in [
+        ("", "cannot be empty"),
+        ("ninebytes", "at most 8 allowed"),
+        ("a b", "' ' is not allowed"),
+        ("é", "'é' is not allowed"),
+        ("a\nb", "'\\n' is not allowed"),
+    ] {
+        let err = topics.subscribe(name).unwrap_err();
+        assert!(matches!(err, TopicError::BadName(_)), "{name:?}: {err}");
+        assert!(err.to_string().contains(why), "{name:?}: {err}");
+        assert!(!topics.is_valid_name(name));
+    }
+    for name in ["a", "room:7", "u/ann@x", "k=v+w#1", "A-Z_0.9"] {
+        assert!(topics.is_valid_name(name), "{name}");
+        assert!(topics.subscribe(name).is_ok(), "{name}");
+    }
+    // Through a real session: the client is told why.
+    let server = TestServer::start(rooms(topics.clone())).await;
+    let mut client = server.connect("/room?topic=no%20spaces").await;
+    let text = client.recv_text().await;
+    assert!(text.starts_with("refused: bad topic name"), "{text}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_number_of_topics_is_bounded_and_freed_places_are_reused() {
+    let topics = Topics::new(TopicsConfig::default().max_topics(3)).unwrap();
+    let a = topics.subscribe("a").unwrap();
+    let _b = topics.subscribe("b").unwrap();
+    let _c = topics.subscribe("c").unwrap();
+    // A fourth subscriber of an existing topic is fine; a fourth topic is not.
+    let _a2 = topics.subscribe("a").unwrap();
+    let err = topics.subscribe("d").unwrap_err();
+    assert!(matches!(err, TopicError::TooMany(_)), "{err}");
+    assert!(err.to_string().contains("3 topics exist"), "{err}");
+    // "a" has two subscribers: dropping one keeps it.
+    drop(a);
+    assert!(topics.subscribe("d").is_err());
+    drop(_a2);
+    let _d = topics.subscribe("d").unwrap();
+    assert_eq!(topics.len(), 3);
+}
+
+#[tokio::test]
+async fn each_topic_takes_its_options_from_its_name() {
+    let topics = Topics::new(
+        TopicsConfig::default()
+            .hub_config(HubConfig::default().capacity(64))
+            .config_for(|name| {
+                if name.starts_with("ticker:") {
+                    Some(HubConfig::default().capacity(4).policy(Policy::DropOldest))
+                } else if name == "broken" {
+                    Some(HubConfig::default().capacity(0))
+                } else {
+                    None
+                }
+            }),
+    )
+    .unwrap();
+    let ticker = topics.hub("ticker:EURUSD").unwrap();
+    assert_eq!(
+        (ticker.capacity(), ticker.policy()),
+        (4, Policy::DropOldest)
+    );
+    let chat = topics.hub("chat").unwrap();
+    assert_eq!((chat.capacity(), chat.policy()), (64, Policy::Suspend));
+    let err = topics.hub("broken").unwrap_err();
+    assert!(matches!(err, TopicError::Config(_)), "{err}");
+    assert!(
+        err.to_string().contains("capacity must be at least 1"),
+        "{err}"
+    );
+    // The same topic is the same hub, as long as it lives.
+    assert!(topics.hub("chat").unwrap().same_hub(&chat));
+    assert!(
+        Topics::new(TopicsConfig::default().hub_config(HubConfig::default().capacity(0))).is_err()
+    );
+    assert!(Topics::new(TopicsConfig::default().max_topics(0)).is_err());
+}
+
+#[tokio::test]
+async fn a_thousand_topics_of_ten_subscribers_are_all_freed_when_they_leave() {
+    let topics =
+        Topics::new(TopicsConfig::default().hub_config(HubConfig::default().capacity(8))).unwrap();
+    let mut subscriptions = Vec::new();
+    for t in 0..1_000 {
+        for _ in 0..10 {
+            subscriptions.push(topics.subscribe(&format!("t{t}")).unwrap());
+        }
+    }
+    assert_eq!(topics.len(), 1_000);
+    let one = topics.get("t500").unwrap();
+    assert_eq!(one.subscriber_count(), 10);
+    let _ = one.publish(Message::text("x")).await.unwrap();
+    drop(one);
+    // Every one of t500's subscribers has it; the others nothing.
+    let mut got = 0;
+    for sub in &mut subscriptions {
+        if sub.try_recv().is_ok() {
+            got += 1;
+        }
+    }
+    assert_eq!(got, 10);
+    drop(subscriptions);
+    assert_eq!(topics.len(), 0);
+    assert!(topics.is_empty());
+}
