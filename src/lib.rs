@@ -111,6 +111,7 @@
 //! * `config.rs`: [`Config`] and [`HubConfig`], with documented defaults.
 //! * `server.rs`: [`Server`]: listener, routes, handshake hook, graceful shutdown.
 //! * `metrics.rs`: [`Metrics`], the Prometheus exposition (prometheus-client).
+//! * `topics.rs`: [`Topics`], a registry of named hubs.
 //! * `request.rs`: [`Request`], what a session knows of its upgrade request.
 //! * `axum.rs` (the `axum` feature): `wshub::axum`, sessions in an axum
 //!   router, upgraded and shut down as [`Server`] does it.
