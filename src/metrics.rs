@@ -189,6 +189,7 @@ struct ServerCounters {
     closed: Mutex<BTreeMap<(CodeLabel, Direction), u64>>,
     read: AtomicU64,
     written: AtomicU64,
+    unlabelled: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -336,6 +337,11 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         *closed.entry((CodeLabel::of(code), direction)).or_default() += 1;
+    }
+
+    /// A hub was not exported: the labels are at their bound.
+    pub(crate) fn hub_unlabelled(&self) {
+        self.inner.server.unlabelled.fetch_add(1, Relaxed);
     }
 
     pub(crate) fn add_bytes(&self, read: u64, written: u64) {
@@ -809,6 +815,12 @@ impl Collector for Collect {
             "wshub_sent_bytes",
             "Bytes written to WebSocket sessions' sockets.",
             s.written.load(Relaxed),
+        )?;
+        counter(
+            e,
+            "wshub_metrics_unlabelled_hubs",
+            "Topics' hubs not exported because the metrics label as many hubs as they may.",
+            s.unlabelled.load(Relaxed),
         )?;
         Ok(())
     }

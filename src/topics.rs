@@ -14,6 +14,7 @@ use crate::config::HubConfig;
 use crate::error::Error;
 use crate::hub::{Hub, PublishError, Published, Subscription, WeakHub};
 use crate::message::Message;
+use crate::metrics::Metrics;
 
 /// Why a topic name or a new topic was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -63,6 +64,14 @@ pub struct TopicsConfig {
     ///
     /// Default: [`HubConfig::default`].
     pub hub: HubConfig,
+    /// Where each topic's hub is exported, labelled `hub="NAME"`.
+    ///
+    /// Default: `None`. A topic created while the metrics already label
+    /// their [`max_hubs`](crate::MetricsBuilder::max_hubs) works as any
+    /// other but is not exported, and is counted in
+    /// `wshub_metrics_unlabelled_hubs_total`: the bound on label values
+    /// holds whatever names clients choose.
+    pub metrics: Option<Metrics>,
     overrides: Option<Overrides>,
 }
 
@@ -74,6 +83,7 @@ impl Default for TopicsConfig {
             max_topics: 10_000,
             max_name_len: 128,
             hub: HubConfig::default(),
+            metrics: None,
             overrides: None,
         }
     }
@@ -85,6 +95,7 @@ impl fmt::Debug for TopicsConfig {
             .field("max_topics", &self.max_topics)
             .field("max_name_len", &self.max_name_len)
             .field("hub", &self.hub)
+            .field("metrics", &self.metrics.is_some())
             .field("overrides", &self.overrides.is_some())
             .finish()
     }
@@ -109,6 +120,13 @@ impl TopicsConfig {
     #[must_use]
     pub fn hub_config(mut self, config: HubConfig) -> Self {
         self.hub = config;
+        self
+    }
+
+    /// Sets [`metrics`](Self::metrics).
+    #[must_use]
+    pub fn metrics(mut self, metrics: Option<Metrics>) -> Self {
+        self.metrics = metrics;
         self
     }
 
@@ -257,6 +275,14 @@ impl Topics {
         let hub = Hub::with_config(self.shared.config.config(name))
             .map_err(|err| TopicError::Config(format!("topic {name:?}: {err}")))?;
         hubs.insert(Arc::from(name), hub.downgrade());
+        if let Some(metrics) = &self.shared.config.metrics {
+            // The name is valid and free among live hubs; only the bound
+            // on labels (or another registry's hub of the same name) can
+            // refuse it.
+            if metrics.register_hub(name, &hub).is_err() {
+                metrics.hub_unlabelled();
+            }
+        }
         Ok(hub)
     }
 

@@ -186,3 +186,46 @@ async fn a_thousand_topics_of_ten_subscribers_are_all_freed_when_they_leave() {
     assert_eq!(topics.len(), 0);
     assert!(topics.is_empty());
 }
+
+#[tokio::test]
+async fn topics_are_exported_by_name_within_the_metrics_bound() {
+    let metrics = wshub::Metrics::builder().max_hubs(2).build().unwrap();
+    let topics = Topics::new(TopicsConfig::default().metrics(Some(metrics.clone()))).unwrap();
+    let a = topics.subscribe("room:a").unwrap();
+    let _b = topics.subscribe("room:b").unwrap();
+    // A third topic works, but the labels are at their bound.
+    let mut c = topics.subscribe("room:c").unwrap();
+    let _ = topics
+        .publish("room:c", Message::text("still works"))
+        .await
+        .unwrap();
+    assert_eq!(c.recv().await.unwrap(), Message::text("still works"));
+    let text = metrics.encode();
+    assert!(
+        text.contains("wshub_hub_subscribers{hub=\"room:a\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("wshub_hub_subscribers{hub=\"room:b\"} 1"),
+        "{text}"
+    );
+    assert!(!text.contains("hub=\"room:c\""), "{text}");
+    assert!(
+        text.contains("wshub_metrics_unlabelled_hubs_total 1"),
+        "{text}"
+    );
+    // A freed topic frees its label; the same name comes back as a new hub.
+    drop(a);
+    let _d = topics.subscribe("room:d").unwrap();
+    let _a = topics.subscribe("room:a").unwrap();
+    let text = metrics.encode();
+    assert!(
+        text.contains("wshub_hub_subscribers{hub=\"room:d\"} 1"),
+        "{text}"
+    );
+    assert!(!text.contains("hub=\"room:a\""), "{text}");
+    assert!(
+        text.contains("wshub_metrics_unlabelled_hubs_total 2"),
+        "{text}"
+    );
+}
