@@ -307,13 +307,7 @@ impl Metrics {
     }
 
     pub(crate) fn upgrade_refused(&self, status: u16) {
-        let mut refused = self
-            .inner
-            .server
-            .refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        *refused.entry(status).or_default() += 1;
+        bump(&self.inner.server.refused, status);
     }
 
     pub(crate) fn session_opened(&self) {
@@ -330,13 +324,7 @@ impl Metrics {
             (_, true) => Direction::Received,
             (_, false) => Direction::Sent,
         };
-        let mut closed = self
-            .inner
-            .server
-            .closed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        *closed.entry((CodeLabel::of(code), direction)).or_default() += 1;
+        bump(&self.inner.server.closed, (CodeLabel::of(code), direction));
     }
 
     /// A hub was not exported: the labels are at their bound.
@@ -352,6 +340,12 @@ impl Metrics {
             self.inner.server.written.fetch_add(written, Relaxed);
         }
     }
+}
+
+/// Adds one to `key`'s count (rare events: refusals, closes).
+fn bump<K: Ord>(counts: &Mutex<BTreeMap<K, u64>>, key: K) {
+    let mut counts = counts.lock().unwrap_or_else(|p| p.into_inner());
+    *counts.entry(key).or_default() += 1;
 }
 
 /// Counts a handshake in flight until dropped.
