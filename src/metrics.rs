@@ -55,9 +55,10 @@ use crate::transport::Meter;
 /// reads the clock once per flush and keeps its own latency histogram and
 /// byte counts, which it adds to the shared ones every
 /// [`SYNC_EVERY`](Self::SYNC_EVERY) recorded messages, at least once a
-/// second while it writes, at each ping and when it ends. So a live
-/// session's last second or so may be missing from a scrape, and nothing
-/// is lost. A hub that is not registered, and a session whose
+/// second while it writes, at each ping and when it ends. So a scrape may
+/// miss a busy session's last second, or a quiet session's figures since
+/// its last ping ([`Config::ping_period`](crate::Config::ping_period)), and
+/// nothing is lost. A hub that is not registered, and a session whose
 /// [`Config`](crate::Config) has no metrics, pay nothing.
 ///
 /// # Labels

@@ -1598,8 +1598,17 @@ impl SendTask {
         let payload = Bytes::copy_from_slice(&self.ping.sent.to_be_bytes());
         self.write(Message::Ping(payload)).await?;
         self.flush().await?;
-        if let Some(metrics) = self.metrics.as_deref_mut() {
-            metrics.sync(now_nanos());
+        // A session that has gone quiet hands in what it counted at each
+        // ping, so a scrape is at most a ping period behind it.
+        let recorder = self.sub.as_mut().and_then(|fwd| fwd.latency.as_deref_mut());
+        if recorder.is_some() || self.metrics.is_some() {
+            let now = now_nanos();
+            if let Some(recorder) = recorder {
+                recorder.merge(now);
+            }
+            if let Some(metrics) = self.metrics.as_deref_mut() {
+                metrics.sync(now);
+            }
         }
         Ok(())
     }

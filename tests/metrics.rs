@@ -468,3 +468,37 @@ async fn a_client_that_holds_messages_back_shows_in_the_latency() {
     drop(metrics);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_quiet_session_hands_in_its_latencies_at_its_next_ping() {
+    let hub = Hub::new();
+    let metrics = Metrics::new();
+    metrics.register_hub("chat", &hub).unwrap();
+    let config = wshub::Config::default().ping_period(Some(Duration::from_millis(100)));
+    let server = TestServer::start(
+        sharedflow(hub.clone())
+            .config(config)
+            .metrics("/metrics", metrics.clone()),
+    )
+    .await;
+    let mut client = server.connect("/ws").await;
+    client.expect_text(GREETING).await;
+    wait_for("a subscriber", || hub.subscriber_count(), |n| *n == 1).await;
+    // Three messages at once, then nothing: fewer than a batch of counts,
+    // and no later write to hand them in with.
+    for i in 0..3 {
+        let _ = hub.publish(Message::text(format!("q{i}"))).await.unwrap();
+    }
+    for i in 0..3 {
+        client.expect_text(&format!("q{i}")).await;
+    }
+    // The client keeps reading (and answering pings) while the test scrapes.
+    let reader = tokio::spawn(async move { while client.next_frame().await.is_some() {} });
+    let s = wait_for_scrape(server.addr(), |s| {
+        histogram(s, "wshub_delivery_latency_seconds", "chat").2 == 3.0
+    })
+    .await;
+    assert!(get(&s, "wshub_sent_bytes_total", &[]) > 0.0);
+    reader.abort();
+    server.shutdown().await;
+}
