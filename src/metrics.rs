@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
@@ -176,7 +176,6 @@ struct Inner {
 struct Registered {
     name: String,
     hub: WeakHub,
-    latency: Arc<Latency>,
 }
 
 /// What servers and sessions count for metrics, in one place for every
@@ -268,7 +267,7 @@ impl Metrics {
             )));
         }
         let latency = Arc::new(Latency::new(self.inner.bounds_nanos.clone()));
-        if !hub.time_deliveries(latency.clone()) {
+        if !hub.time_deliveries(latency) {
             return Err(Error::Config(format!(
                 "this hub is already registered for metrics under another name ({name:?} refused)"
             )));
@@ -276,7 +275,6 @@ impl Metrics {
         hubs.push(Registered {
             name: name.to_owned(),
             hub: hub.downgrade(),
-            latency,
         });
         Ok(())
     }
@@ -593,7 +591,9 @@ impl Collect {
         hubs.iter()
             .filter_map(|h| {
                 let hub = h.hub.upgrade()?;
-                Some((h.name.clone(), hub.stats(), h.latency.clone()))
+                // A registered hub is timed into the histogram made for it.
+                let latency = hub.latency()?.clone();
+                Some((h.name.clone(), hub.stats(), latency))
             })
             .collect()
     }
@@ -617,6 +617,22 @@ fn hub_family(
             MetricType::Counter => metric.encode_counter::<NoLabelSet, _, u64>(&v, None)?,
             _ => metric.encode_gauge(&(v as i64))?,
         }
+    }
+    Ok(())
+}
+
+/// Encodes one counter family with a value per label set.
+fn labelled_counters<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (L, u64)>,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, n) in rows {
+        family
+            .encode_family(&labels)?
+            .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
     }
     Ok(())
 }
@@ -770,35 +786,28 @@ impl Collector for Collect {
             s.accepted.load(Relaxed),
         )?;
         let refused = s.refused.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut family = e.encode_descriptor(
+        labelled_counters(
+            e,
             "wshub_upgrades_refused",
             "Requests refused with an HTTP status instead of an upgrade, by status.",
-            None,
-            Counter,
+            refused
+                .into_iter()
+                .map(|(status, n)| ([("status", status.to_string())], n)),
         )?;
-        for (status, n) in refused {
-            let labels = [("status", status.to_string())];
-            family
-                .encode_family(&labels)?
-                .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
-        }
         let closed = s.closed.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut family = e.encode_descriptor(
+        labelled_counters(
+            e,
             "wshub_sessions_closed",
             "Sessions ended, by close code and by whose Close frame gave it \
              (sent: the server's, received: the client's, none: no Close frame).",
-            None,
-            Counter,
+            closed.into_iter().map(|((code, direction), n)| {
+                let labels = [
+                    ("code", code.text()),
+                    ("direction", direction.text().to_owned()),
+                ];
+                (labels, n)
+            }),
         )?;
-        for ((code, direction), n) in closed {
-            let labels = [
-                ("code", code.text()),
-                ("direction", direction.text().to_owned()),
-            ];
-            family
-                .encode_family(&labels)?
-                .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
-        }
         counter(
             e,
             "wshub_received_bytes",

@@ -303,9 +303,10 @@ impl Shared {
         self.reason.get().cloned()
     }
 
-    /// Records why the session ended; the first reason wins.
-    fn set_reason(&self, reason: CloseReason) {
-        let _ = self.reason.set(reason);
+    /// Records why the session ended; the first reason wins. Returns
+    /// whether this one did.
+    fn set_reason(&self, reason: CloseReason) -> bool {
+        self.reason.set(reason).is_ok()
     }
 
     fn request_close(&self, mut request: CloseRequest) {
@@ -531,7 +532,7 @@ impl Session {
             metrics: config
                 .metrics
                 .clone()
-                .map(|metrics| Box::new(SessionMeter::new(metrics, meter.clone()))),
+                .map(move |metrics| Box::new(SessionMeter::new(metrics, meter))),
         };
         let run = task.run().instrument(shared.span.clone());
         let handle = match &setup.tracker {
@@ -654,7 +655,7 @@ impl Session {
                         let reason = frame
                             .clone()
                             .unwrap_or_else(|| close_reason(CloseCode::Status, ""));
-                        if self.out.shared.reason.set(reason).is_ok() {
+                        if self.out.shared.set_reason(reason) {
                             self.out
                                 .shared
                                 .reason_by_peer
@@ -1349,7 +1350,9 @@ impl SendTask {
         let stop = self.serve().await;
         match stop {
             Stop::Kill => {}
-            Stop::Broken(reason) => self.shared.set_reason(reason),
+            Stop::Broken(reason) => {
+                self.shared.set_reason(reason);
+            }
             // Boxed, as below: rare or bursty paths, kept out of the idle task's size.
             Stop::Close(request) => Box::pin(self.close(request)).await,
         }
@@ -1501,7 +1504,7 @@ impl SendTask {
             }
         }
         self.flush().await?;
-        self.flushed();
+        self.count_flush(false);
         if written > 0 {
             if let Some(idle) = self.idle.as_mut() {
                 idle.wrote = Instant::now();
@@ -1519,22 +1522,28 @@ impl SendTask {
     }
 
     /// Metrics after a flush: the delivery latency of the hub messages it
-    /// wrote, and the session's byte counts now and then.
-    fn flushed(&mut self) {
-        let recorder = self
-            .sub
-            .as_mut()
-            .and_then(|fwd| fwd.latency.as_deref_mut())
-            .filter(|recorder| recorder.has_queued());
-        if recorder.is_none() && self.metrics.is_none() {
+    /// wrote, and the session's counts added to the shared ones now and
+    /// then, or now if `hand_in` (at a ping: a session that has gone quiet
+    /// is then at most a ping period behind in a scrape).
+    fn count_flush(&mut self, hand_in: bool) {
+        let recorder = self.sub.as_mut().and_then(|fwd| fwd.latency.as_deref_mut());
+        let timed = recorder.as_ref().is_some_and(|r| hand_in || r.has_queued());
+        if !timed && self.metrics.is_none() {
             return;
         }
         let now = now_nanos();
         if let Some(recorder) = recorder {
             recorder.written(now);
+            if hand_in {
+                recorder.merge(now);
+            }
         }
         if let Some(metrics) = self.metrics.as_deref_mut() {
-            metrics.maybe_sync(now);
+            if hand_in {
+                metrics.sync(now);
+            } else {
+                metrics.maybe_sync(now);
+            }
         }
     }
 
@@ -1598,18 +1607,7 @@ impl SendTask {
         let payload = Bytes::copy_from_slice(&self.ping.sent.to_be_bytes());
         self.write(Message::Ping(payload)).await?;
         self.flush().await?;
-        // A session that has gone quiet hands in what it counted at each
-        // ping, so a scrape is at most a ping period behind it.
-        let recorder = self.sub.as_mut().and_then(|fwd| fwd.latency.as_deref_mut());
-        if recorder.is_some() || self.metrics.is_some() {
-            let now = now_nanos();
-            if let Some(recorder) = recorder {
-                recorder.merge(now);
-            }
-            if let Some(metrics) = self.metrics.as_deref_mut() {
-                metrics.sync(now);
-            }
-        }
+        self.count_flush(true);
         Ok(())
     }
 
