@@ -60,14 +60,30 @@ struct Shared {
     /// publishes are then stamped with the time, and subscribers time
     /// their deliveries.
     latency: OnceLock<Arc<Latency>>,
+    /// Run when the last handle and subscription are gone (a topic tells
+    /// its broker it no longer needs the topic's messages here).
+    on_free: Mutex<Option<FreeHook>>,
+}
+
+type FreeHook = Box<dyn FnOnce() + Send>;
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let hook = self.on_free.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Some(hook) = hook.take() {
+            hook();
+        }
+    }
 }
 
 /// A message in the channel, with the time it was published (0 when the
-/// hub's deliveries are not timed).
+/// hub's deliveries are not timed) and its topic's sequence number (0 for a
+/// plain hub's messages and for a topic's presence events).
 #[derive(Clone)]
 pub(crate) struct Stamped {
     msg: Message,
     at: u64,
+    seq: u64,
 }
 
 /// A hub that does not keep it alive, for [`Metrics`](crate::Metrics).
@@ -302,6 +318,7 @@ impl Hub {
                 config,
                 counters: Counters::default(),
                 latency: OnceLock::new(),
+                on_free: Mutex::new(None),
             }),
         }
     }
@@ -317,15 +334,25 @@ impl Hub {
     /// [`PublishError::Closed`] after [`close`](Self::close);
     /// [`PublishError::NotData`] for a control frame. The message is handed back.
     pub async fn publish(&self, msg: impl Into<Message>) -> Result<Published, PublishError> {
-        let msg = self.check(msg.into())?;
+        self.publish_seq(msg.into(), 0).await
+    }
+
+    /// [`publish`](Self::publish), with the sequence number its
+    /// subscribers see in [`Subscription::seq`].
+    pub(crate) async fn publish_seq(
+        &self,
+        msg: Message,
+        seq: u64,
+    ) -> Result<Published, PublishError> {
+        let msg = self.check(msg)?;
         let size = payload_len(&msg);
         if let Room::Discard = self.make_room(size) {
             return Ok(self.discarded());
         }
         if self.shared.config.policy.on_full() != OnFull::Wait {
-            return self.offer(msg, size);
+            return self.offer(msg, size, seq);
         }
-        match self.shared.tx.broadcast_direct(self.stamp(msg)).await {
+        match self.shared.tx.broadcast_direct(self.stamp(msg, seq)).await {
             Ok(_) => Ok(self.queued(size)),
             Err(async_broadcast::SendError(stamped)) => self.refused(stamped.msg),
         }
@@ -343,7 +370,7 @@ impl Hub {
         if let Room::Discard = self.make_room(size) {
             return Ok(self.discarded());
         }
-        self.offer(msg, size)
+        self.offer(msg, size, 0)
     }
 
     /// Serializes `value` to JSON once and publishes it as a text message.
@@ -366,6 +393,7 @@ impl Hub {
         Subscription {
             rx,
             stamp: 0,
+            seq: 0,
             first: self.shared.counters.published.load(Relaxed),
             hub: self.clone(),
             lagged: 0,
@@ -463,12 +491,12 @@ impl Hub {
     }
 
     /// Stamps a message with the time, if this hub's deliveries are timed.
-    fn stamp(&self, msg: Message) -> Stamped {
+    fn stamp(&self, msg: Message, seq: u64) -> Stamped {
         let at = match self.shared.latency.get() {
             Some(_) => metrics::now_nanos(),
             None => 0,
         };
-        Stamped { msg, at }
+        Stamped { msg, at, seq }
     }
 
     /// Starts timing deliveries into `latency`; false if already timed.
@@ -479,6 +507,13 @@ impl Hub {
     /// The histogram this hub's deliveries are timed into, if any.
     pub(crate) fn latency(&self) -> Option<&Arc<Latency>> {
         self.shared.latency.get()
+    }
+
+    /// Runs `hook` once the hub is freed (its last handle and subscription
+    /// dropped), replacing any earlier hook.
+    pub(crate) fn on_free(&self, hook: impl FnOnce() + Send + 'static) {
+        let mut slot = self.shared.on_free.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = Some(Box::new(hook));
     }
 
     pub(crate) fn downgrade(&self) -> WeakHub {
@@ -552,9 +587,9 @@ impl Hub {
     }
 
     /// Offers a message without waiting, applying the policy to a full buffer.
-    fn offer(&self, msg: Message, size: usize) -> Result<Published, PublishError> {
+    fn offer(&self, msg: Message, size: usize, seq: u64) -> Result<Published, PublishError> {
         let c = &self.shared.counters;
-        match self.shared.tx.try_broadcast(self.stamp(msg)) {
+        match self.shared.tx.try_broadcast(self.stamp(msg, seq)) {
             Ok(None) => Ok(self.queued(size)),
             Ok(Some(_evicted)) => {
                 c.evicted.fetch_add(1, Relaxed);
@@ -629,6 +664,8 @@ pub struct Subscription {
     rx: Receiver<Stamped>,
     /// When the last message received was published (0: not timed).
     stamp: u64,
+    /// The sequence number of the last message received (0: none).
+    seq: u64,
     /// The hub's `published` count when this subscription began.
     first: u64,
     hub: Hub,
@@ -696,6 +733,23 @@ impl Subscription {
         }
     }
 
+    /// What the stream yields: `None` once the hub is closed and drained.
+    pub(crate) fn poll_recv(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Message, RecvError>>> {
+        std::pin::Pin::new(&mut self.rx).poll_recv(cx).map(|item| {
+            item.map(|result| match result {
+                Ok(msg) => Ok(self.got(msg)),
+                Err(async_broadcast::RecvError::Overflowed(n)) => {
+                    Err(RecvError::Lagged(self.lag(n)))
+                }
+                // poll_recv reports a closed channel as the end of the stream.
+                Err(async_broadcast::RecvError::Closed) => Err(RecvError::Closed),
+            })
+        })
+    }
+
     /// How many messages this subscriber has skipped so far.
     pub fn lagged(&self) -> u64 {
         self.lagged
@@ -737,8 +791,16 @@ impl Subscription {
         self.stamp
     }
 
-    fn got(&mut self, Stamped { msg, at }: Stamped) -> Message {
+    /// The sequence number of the message last received: its topic's
+    /// `seq` for a topic's message, 0 for a plain hub's messages and a
+    /// topic's presence events.
+    pub(crate) fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    fn got(&mut self, Stamped { msg, at, seq }: Stamped) -> Message {
         self.stamp = at;
+        self.seq = seq;
         self.delivered += 1;
         self.uncounted += 1;
         if self.uncounted >= Self::COUNT_EVERY {
@@ -797,16 +859,7 @@ impl futures_util::Stream for Subscription {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Self::Item>> {
-        std::pin::Pin::new(&mut self.rx).poll_recv(cx).map(|item| {
-            item.map(|result| match result {
-                Ok(msg) => Ok(self.got(msg)),
-                Err(async_broadcast::RecvError::Overflowed(n)) => {
-                    Err(RecvError::Lagged(self.lag(n)))
-                }
-                // poll_recv reports a closed channel as the end of the stream.
-                Err(async_broadcast::RecvError::Closed) => Err(RecvError::Closed),
-            })
-        })
+        self.poll_recv(cx)
     }
 }
 

@@ -142,6 +142,7 @@
 pub mod axum;
 mod config;
 mod error;
+mod forward;
 mod hub;
 mod message;
 mod metrics;
@@ -163,7 +164,7 @@ pub use metrics::{Metrics, MetricsBuilder};
 pub use policy::{ParsePolicyError, Policy};
 pub use request::Request;
 pub use server::{HandlerOutput, Rejection, Server};
-pub use session::{Outgoing, Session};
+pub use session::{ForwardId, Outgoing, Session};
 pub use topics::{TopicError, Topics, TopicsConfig};
 
 /// Entry points for the fuzz targets in `fuzz/`; they exist only in builds

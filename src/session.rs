@@ -32,12 +32,13 @@ use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, Excess, LagNotice, RateLimit};
+use crate::config::{Config, Excess, RateLimit};
 use crate::error::Error;
-use crate::hub::{RecvError, Subscription, TryRecvError};
+use crate::forward::{ForwardKey, Forwards, Item, NewForward, TopicStart};
+use crate::hub::{RecvError, Subscription};
 use crate::message::{self, Bytes, CloseCode, CloseReason, Message, Utf8Bytes, close_reason};
-use crate::metrics::{Recorder, SessionMeter, now_nanos};
-use crate::policy::{OnLag, Policy};
+use crate::metrics::{SessionMeter, now_nanos};
+use crate::policy::OnLag;
 use crate::request::Request;
 use crate::transport::{MAX_UNANSWERED_PINGS, Meter, TUNGSTENITE_BUFFER, Transport, Wire};
 
@@ -76,6 +77,11 @@ pub struct Outgoing {
     shared: Arc<Shared>,
 }
 
+/// A subscription a session forwards, from [`Outgoing::forward`]: pass it to
+/// [`Outgoing::unforward`] to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ForwardId(ForwardKey);
+
 /// State shared by a session, its send task and its [`Outgoing`] handles.
 struct Shared {
     id: u64,
@@ -110,6 +116,8 @@ struct Shared {
     max_frame_size: Option<usize>,
     max_message_size: Option<usize>,
     publish_rate: Option<RateLimit>,
+    /// The key of the next subscription handed to the send task.
+    next_key: AtomicU64,
 }
 
 #[derive(Clone, Copy)]
@@ -295,7 +303,9 @@ impl Drop for KillOnDrop {
 enum Command {
     Send(Message),
     Flush(oneshot::Sender<()>),
-    Forward(Subscription),
+    /// Boxed: the queue's slots stay the size of a message.
+    Forward(Box<NewForward>),
+    Unforward(ForwardKey),
 }
 
 impl Shared {
@@ -517,11 +527,12 @@ impl Session {
             max_frame_size: config.websocket_config().max_frame_size,
             max_message_size: config.max_message_size,
             publish_rate: config.publish_rate,
+            next_key: AtomicU64::new(1),
         });
         let task = SendTask {
             sink: writer,
             shared: shared.clone(),
-            sub: None,
+            subs: Forwards::default(),
             send_timeout: config.send_timeout,
             close_timeout: config.close_timeout,
             max_batch: config.max_batch.max(1),
@@ -897,13 +908,7 @@ impl Session {
     /// answers the Close.
     pub async fn join(&mut self, subscription: Subscription) -> CloseReason {
         let hub = subscription.hub().clone();
-        if self
-            .out
-            .shared
-            .push(Command::Forward(subscription))
-            .await
-            .is_ok()
-        {
+        if self.out.forward(subscription).await.is_ok() {
             // A publish waiting on a full hub (Suspend) gives way when the session ends.
             let kill = self.out.shared.kill.clone();
             let mut bucket = self.out.shared.publish_rate.map(Bucket::new);
@@ -1051,6 +1056,62 @@ impl Outgoing {
         written.await.map_err(|_| self.shared.closed_error())
     }
 
+    /// Has the send task forward every message of `subscription` to the
+    /// client, under its hub's [`Policy`](crate::Policy), until [`unforward`](Self::unforward)
+    /// or the session ends. A session forwards any number of subscriptions:
+    /// its send task takes them in turn, so a busy hub does not starve the
+    /// others, and each hub counts its own deliveries, lags and disconnects.
+    /// ([`Session::join`] forwards one and publishes what the client sends.)
+    ///
+    /// The subscription is handed over in order with [`send`](Self::send):
+    /// what was queued before it is written before any of its messages.
+    ///
+    /// ```no_run
+    /// # async fn demo(session: wshub::Session, news: wshub::Hub, sport: wshub::Hub) -> Result<(), wshub::Error> {
+    /// let out = session.outgoing();
+    /// let _news = out.forward(news.subscribe()).await?;
+    /// let sport = out.forward(sport.subscribe()).await?;
+    /// // ... later: no more sport for this client.
+    /// out.unforward(sport).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] once the session is closing or closed (the
+    /// subscription is dropped).
+    pub async fn forward(&self, subscription: Subscription) -> Result<ForwardId, Error> {
+        self.forward_from(subscription, None).await
+    }
+
+    /// [`forward`](Self::forward) for a topic, starting at `start`.
+    pub(crate) async fn forward_from(
+        &self,
+        sub: Subscription,
+        topic: Option<TopicStart>,
+    ) -> Result<ForwardId, Error> {
+        let key = self.shared.next_key.fetch_add(1, Ordering::Relaxed);
+        let new = Box::new(NewForward { sub, key, topic });
+        if self.is_closed() || self.shared.push(Command::Forward(new)).await.is_err() {
+            return Err(self.shared.closed_error());
+        }
+        Ok(ForwardId(key))
+    }
+
+    /// Stops forwarding a subscription, dropping it: nothing of it is
+    /// written after what was queued before this call.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] once the session is closing or closed (its
+    /// subscriptions are dropped then anyway).
+    pub async fn unforward(&self, id: ForwardId) -> Result<(), Error> {
+        if self.shared.push(Command::Unforward(id.0)).await.is_err() {
+            return Err(self.shared.closed_error());
+        }
+        Ok(())
+    }
+
     /// Starts the closing handshake: what is already queued is written, then a
     /// Close frame with `reason`. Does not wait; the session's `recv` ends when
     /// the client answers or [`Config::close_timeout`] passes.
@@ -1179,7 +1240,7 @@ enum Stop {
 struct SendTask {
     sink: Transport,
     shared: Arc<Shared>,
-    sub: Option<Forwarding>,
+    subs: Forwards,
     send_timeout: Duration,
     close_timeout: Duration,
     max_batch: usize,
@@ -1230,114 +1291,6 @@ fn poll_idle(idle: &mut Option<Box<Idle>>, shared: &Shared, cx: &mut Context<'_>
     }
 }
 
-/// A hub subscription being forwarded, with its policy.
-struct Forwarding {
-    sub: Subscription,
-    policy: Policy,
-    lag_notice: Option<LagNotice>,
-    /// Under [`Policy::Suspend`], the watch on this subscriber holding the
-    /// hub's buffer full.
-    stall: Option<Stall>,
-    /// The hub's delivery latency, when it is registered for metrics.
-    latency: Option<Box<Recorder>>,
-}
-
-/// How long a subscriber has kept a `Suspend` hub's buffer full.
-struct Stall {
-    timeout: Duration,
-    /// A write had to wait for the socket since the last look: only then
-    /// can this subscriber be the slow one (one that never waits keeps up),
-    /// so only then is the hub's shared count read.
-    waited: bool,
-    /// The first of a run of samples that found the buffer full because of
-    /// this subscriber, with no quiet spell since.
-    full_since: Option<Instant>,
-    /// The last sample that found it full.
-    last_full: Instant,
-}
-
-impl Forwarding {
-    fn new(sub: Subscription) -> Forwarding {
-        let config = sub.hub().config();
-        Forwarding {
-            policy: config.policy,
-            lag_notice: config.lag_notice.clone(),
-            stall: (config.policy == Policy::Suspend).then(|| Stall {
-                timeout: config.stall_timeout,
-                waited: false,
-                full_since: None,
-                last_full: Instant::now(),
-            }),
-            latency: sub
-                .hub()
-                .latency()
-                .map(|latency| Box::new(Recorder::new(latency.clone()))),
-            sub,
-        }
-    }
-
-    /// Whether this subscriber has kept the buffer full (every publisher
-    /// waiting on it) for the hub's `stall_timeout` while other subscribers
-    /// kept up.
-    ///
-    /// A slow reader's backlog does not sit at the capacity: the kernel
-    /// takes its bytes in bursts as the client frees its receive window, so
-    /// the send task drains a burst of messages at once and the backlog
-    /// swings between full and far from it. So the clock starts at a sample
-    /// that finds the backlog full (within a sixteenth of the capacity:
-    /// publishers refill each slot it frees, so a sample rarely sees it quite
-    /// full) and runs on through later full samples; it stops only after a
-    /// quiet spell of half the timeout with no full sample, which a client
-    /// that keeps up has and one that is slower than the hub never does.
-    /// When every subscriber is full, the publishers are faster than anyone
-    /// reads (a burst, an overloaded machine): they wait, and nobody is
-    /// blamed.
-    fn stalled(&mut self) -> bool {
-        let Some(stall) = self.stall.as_mut() else {
-            return false;
-        };
-        if !std::mem::take(&mut stall.waited) && stall.full_since.is_none() {
-            return false;
-        }
-        // The capacity now: the byte bound may hold it below the configured one.
-        let capacity = self.sub.hub().capacity_now() as u64;
-        let full = self.sub.backlog() >= capacity - capacity / 16;
-        if !full && stall.full_since.is_none() {
-            return false;
-        }
-        let now = Instant::now();
-        if full {
-            stall.last_full = now;
-        } else if now.duration_since(stall.last_full) > stall.timeout / 2 {
-            stall.full_since = None;
-            self.sub.hub().stall_ended();
-            return false;
-        }
-        let since = *stall.full_since.get_or_insert_with(|| {
-            self.sub.hub().stall_started();
-            now
-        });
-        now.duration_since(since) >= stall.timeout && self.sub.hub().someone_keeps_up()
-    }
-
-    /// Notes that a write had to wait for the socket; returns how often the
-    /// wait must look at [`stalled`](Self::stalled).
-    fn waiting(&mut self) -> Option<Duration> {
-        self.stall.as_mut().map(|stall| {
-            stall.waited = true;
-            stall.timeout / 4
-        })
-    }
-}
-
-impl Drop for Forwarding {
-    fn drop(&mut self) {
-        if self.stall.as_ref().is_some_and(|s| s.full_since.is_some()) {
-            self.sub.hub().stall_ended();
-        }
-    }
-}
-
 impl Drop for SendTask {
     fn drop(&mut self) {
         // Ended or aborted: senders must not wait for a task that is gone.
@@ -1356,7 +1309,7 @@ impl SendTask {
             // Boxed, as below: rare or bursty paths, kept out of the idle task's size.
             Stop::Close(request) => Box::pin(self.close(request)).await,
         }
-        self.sub = None;
+        self.subs.clear();
         self.shared.kill();
         // Tell the peer promptly (FIN) even if the handler still holds the session.
         let _ = timeout(
@@ -1393,9 +1346,9 @@ impl SendTask {
             // full select below takes a turn, so pings and commands are never
             // starved by a busy hub.
             if fast_runs < self.max_batch && !self.shared.wake.is_rung() {
-                if let Some(result) = self.try_forwarded() {
+                if let Some(item) = self.subs.try_next() {
                     fast_runs += 1;
-                    if let Err(stop) = Box::pin(self.batch(None, Some(result))).await {
+                    if let Err(stop) = Box::pin(self.batch(None, Some(item))).await {
                         return stop;
                     }
                     continue;
@@ -1451,8 +1404,8 @@ impl SendTask {
                         return stop;
                     }
                 }
-                result = recv_forwarded(&mut self.sub) => {
-                    if let Err(stop) = Box::pin(self.batch(None, Some(result))).await {
+                item = poll_fn(|cx| self.subs.poll_next(cx)) => {
+                    if let Err(stop) = Box::pin(self.batch(None, Some(item))).await {
                         return stop;
                     }
                 }
@@ -1464,12 +1417,12 @@ impl SendTask {
     async fn batch(
         &mut self,
         mut command: Option<Command>,
-        mut forwarded: Option<Result<Message, RecvError>>,
+        mut forwarded: Option<(usize, Item)>,
     ) -> Result<(), Stop> {
         // Under Suspend, a batch that starts with a hub message looks at how
         // far behind this subscriber is: now, after the flush that ended the
         // last batch, the publishers have refilled what it took.
-        if forwarded.is_some() && self.sub.as_mut().is_some_and(Forwarding::stalled) {
+        if forwarded.is_some() && self.subs.stalled() {
             return Err(self.stalled());
         }
         let mut written = 0;
@@ -1483,10 +1436,13 @@ impl SendTask {
                         written += 1;
                     }
                     Command::Flush(done) => flush_waiters.push(done),
-                    Command::Forward(sub) => self.sub = Some(Forwarding::new(sub)),
+                    Command::Forward(new) => self.subs.add(*new),
+                    Command::Unforward(key) => {
+                        self.subs.remove(key);
+                    }
                 }
-            } else if let Some(result) = forwarded.take() {
-                self.forward(result).await?;
+            } else if let Some((at, item)) = forwarded.take() {
+                self.forward(at, item).await?;
                 written += 1;
             }
             if written >= self.max_batch {
@@ -1498,8 +1454,8 @@ impl SendTask {
                 command = Some(cmd);
                 continue;
             }
-            match self.try_forwarded() {
-                Some(result) => forwarded = Some(result),
+            match self.subs.try_next() {
+                Some(item) => forwarded = Some(item),
                 None => break,
             }
         }
@@ -1526,13 +1482,20 @@ impl SendTask {
     /// then, or now if `hand_in` (at a ping: a session that has gone quiet
     /// is then at most a ping period behind in a scrape).
     fn count_flush(&mut self, hand_in: bool) {
-        let recorder = self.sub.as_mut().and_then(|fwd| fwd.latency.as_deref_mut());
-        let timed = recorder.as_ref().is_some_and(|r| hand_in || r.has_queued());
+        let timed = self.subs.iter_mut().any(|fwd| {
+            fwd.latency
+                .as_deref()
+                .is_some_and(|r| hand_in || r.has_queued())
+        });
         if !timed && self.metrics.is_none() {
             return;
         }
         let now = now_nanos();
-        if let Some(recorder) = recorder {
+        for recorder in self
+            .subs
+            .iter_mut()
+            .filter_map(|fwd| fwd.latency.as_deref_mut())
+        {
             recorder.written(now);
             if hand_in {
                 recorder.merge(now);
@@ -1547,20 +1510,15 @@ impl SendTask {
         }
     }
 
-    /// A hub message (or lag report) that is already waiting, if any.
-    fn try_forwarded(&mut self) -> Option<Result<Message, RecvError>> {
-        match self.sub.as_mut()?.sub.try_recv() {
-            Ok(msg) => Some(Ok(msg)),
-            Err(TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
-            Err(TryRecvError::Closed) => Some(Err(RecvError::Closed)),
-            Err(TryRecvError::Empty) => None,
-        }
-    }
-
-    /// Applies the policy to one result from the hub.
-    async fn forward(&mut self, result: Result<Message, RecvError>) -> Result<(), Stop> {
-        let Some(fwd) = self.sub.as_mut() else {
+    /// Writes one item of the subscription at `at`, applying its policy to
+    /// what the hub reports.
+    async fn forward(&mut self, at: usize, item: Item) -> Result<(), Stop> {
+        let Some(fwd) = self.subs.get(at) else {
             return Ok(());
+        };
+        let result = match item {
+            Item::Backlog(msg) => return self.write(msg).await,
+            Item::Live(result) => result,
         };
         match result {
             Ok(msg) => {
@@ -1624,7 +1582,7 @@ impl SendTask {
                 sink.poll_ready(cx)
             }
         });
-        match until_stuck(self.send_timeout, sink.meter(), &mut self.sub, room).await {
+        match until_stuck(self.send_timeout, sink.meter(), &mut self.subs, room).await {
             Waited::Done(Ok(())) => {}
             Waited::Done(Err(err)) => return Err(self.broken(err)),
             Waited::Stuck => return Err(self.stuck()),
@@ -1637,7 +1595,7 @@ impl SendTask {
     async fn flush(&mut self) -> Result<(), Stop> {
         let sink = &self.sink;
         let flushed = poll_fn(|cx| sink.poll_flush(cx));
-        match until_stuck(self.send_timeout, sink.meter(), &mut self.sub, flushed).await {
+        match until_stuck(self.send_timeout, sink.meter(), &mut self.subs, flushed).await {
             Waited::Done(Ok(())) => {}
             Waited::Done(Err(err)) => return Err(self.broken(err)),
             Waited::Stuck => return Err(self.stuck()),
@@ -1670,7 +1628,7 @@ impl SendTask {
     /// Frees the session's place in the hub (counted as a disconnect) and
     /// closes it with 1013 and `why`, without waiting for the client's answer.
     fn cut_off(&mut self, why: &'static str) -> Stop {
-        if let Some(fwd) = self.sub.take() {
+        for fwd in self.subs.take() {
             fwd.sub.hub().record_disconnect();
         }
         Stop::Close(CloseRequest {
@@ -1690,19 +1648,25 @@ impl SendTask {
             match command {
                 Command::Send(msg) => pending.push(msg),
                 // A join queued behind other sends: its hub messages count too.
-                Command::Forward(sub) => self.sub = Some(Forwarding::new(sub)),
+                Command::Forward(new) => self.subs.add(*new),
+                Command::Unforward(key) => {
+                    self.subs.remove(key);
+                }
                 Command::Flush(done) => flush_waiters.push(done),
             }
         }
         if request.drain_hub {
-            if let Some(fwd) = self.sub.as_mut() {
-                while let Ok(msg) = fwd.sub.try_recv() {
-                    pending.push(msg);
+            for mut fwd in self.subs.take() {
+                while let Some(item) = fwd.try_next() {
+                    match item {
+                        Item::Backlog(msg) | Item::Live(Ok(msg)) => pending.push(msg),
+                        Item::Live(Err(_)) => break,
+                    }
                 }
             }
         }
-        // Free the hub slot before a possibly slow final write.
-        self.sub = None;
+        // Free the hub slots before a possibly slow final write.
+        self.subs.clear();
         let reason = request.reason;
         // A client that keeps reading gets everything queued before the Close
         // frame (each write may stall for `send_timeout`); a failing connection
@@ -1766,7 +1730,7 @@ enum Waited<T> {
 async fn until_stuck<F: std::future::Future>(
     patience: Duration,
     meter: &Meter,
-    sub: &mut Option<Forwarding>,
+    subs: &mut Forwards,
     write: F,
 ) -> Waited<F::Output> {
     tokio::pin!(write);
@@ -1774,7 +1738,7 @@ async fn until_stuck<F: std::future::Future>(
     if let Poll::Ready(output) = poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
         return Waited::Done(output);
     }
-    let tick = match sub.as_mut().and_then(Forwarding::waiting) {
+    let tick = match subs.waiting() {
         Some(check) => patience.min(check),
         None => patience,
     };
@@ -1791,18 +1755,11 @@ async fn until_stuck<F: std::future::Future>(
                 } else if progress.elapsed() >= patience {
                     return Waited::Stuck;
                 }
-                if sub.as_mut().is_some_and(Forwarding::stalled) {
+                if subs.stalled() {
                     return Waited::Stalled;
                 }
             }
         }
-    }
-}
-
-async fn recv_forwarded(sub: &mut Option<Forwarding>) -> Result<Message, RecvError> {
-    match sub {
-        Some(fwd) => fwd.sub.recv().await,
-        None => std::future::pending().await,
     }
 }
 

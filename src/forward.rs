@@ -1,0 +1,323 @@
+//! What a session's send task forwards: any number of hub subscriptions,
+//! each under its own hub's policy, taken in turn so that no busy hub
+//! starves the others.
+
+use std::collections::VecDeque;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::LagNotice;
+use crate::hub::{RecvError, Subscription, TryRecvError};
+use crate::message::Message;
+use crate::metrics::Recorder;
+use crate::policy::Policy;
+
+/// Identifies one forwarded subscription within its session, to stop it.
+pub(crate) type ForwardKey = u64;
+
+/// A subscription handed to the send task, with what it must write first.
+pub(crate) struct NewForward {
+    pub(crate) sub: Subscription,
+    pub(crate) key: ForwardKey,
+    /// For a topic: the messages to write before the subscription's own
+    /// (a gap notice, the replay or the history a resume recovers), and the
+    /// position they bring the client to.
+    pub(crate) topic: Option<TopicStart>,
+}
+
+/// Where a topic subscription starts.
+pub(crate) struct TopicStart {
+    pub(crate) backlog: VecDeque<Message>,
+    /// The sequence number the client has once the backlog is written:
+    /// live messages up to it are already in the backlog, or were before
+    /// the client's position.
+    pub(crate) seq: u64,
+}
+
+/// A hub subscription being forwarded, with its policy.
+pub(crate) struct Forwarding {
+    pub(crate) sub: Subscription,
+    pub(crate) key: ForwardKey,
+    pub(crate) policy: Policy,
+    pub(crate) lag_notice: Option<LagNotice>,
+    /// Under [`Policy::Suspend`], the watch on this subscriber holding the
+    /// hub's buffer full.
+    stall: Option<Stall>,
+    /// The hub's delivery latency, when it is registered for metrics.
+    pub(crate) latency: Option<Box<Recorder>>,
+    /// A topic's position and backlog: boxed, as a plain hub has none.
+    topic: Option<Box<TopicState>>,
+}
+
+struct TopicState {
+    backlog: VecDeque<Message>,
+    /// The last sequence number the client has (written, or before its
+    /// position).
+    seq: u64,
+}
+
+/// One thing to write for a forwarded subscription.
+pub(crate) enum Item {
+    /// From the hub: a message, or a report that some were skipped.
+    Live(Result<Message, RecvError>),
+    /// Written before the hub's own: not timed, not a policy matter.
+    Backlog(Message),
+}
+
+/// How long a subscriber has kept a `Suspend` hub's buffer full.
+struct Stall {
+    timeout: Duration,
+    /// A write had to wait for the socket since the last look: only then
+    /// can this subscriber be the slow one (one that never waits keeps up),
+    /// so only then is the hub's shared count read.
+    waited: bool,
+    /// The first of a run of samples that found the buffer full because of
+    /// this subscriber, with no quiet spell since.
+    full_since: Option<Instant>,
+    /// The last sample that found it full.
+    last_full: Instant,
+}
+
+impl Forwarding {
+    pub(crate) fn new(new: NewForward) -> Forwarding {
+        let NewForward { sub, key, topic } = new;
+        let config = sub.hub().config();
+        Forwarding {
+            key,
+            policy: config.policy,
+            lag_notice: config.lag_notice.clone(),
+            stall: (config.policy == Policy::Suspend).then(|| Stall {
+                timeout: config.stall_timeout,
+                waited: false,
+                full_since: None,
+                last_full: Instant::now(),
+            }),
+            latency: sub
+                .hub()
+                .latency()
+                .map(|latency| Box::new(Recorder::new(latency.clone()))),
+            topic: topic.map(|start| {
+                Box::new(TopicState {
+                    backlog: start.backlog,
+                    seq: start.seq,
+                })
+            }),
+            sub,
+        }
+    }
+
+    /// The next item if one is ready now.
+    pub(crate) fn try_next(&mut self) -> Option<Item> {
+        if let Some(msg) = self.topic.as_mut().and_then(|t| t.backlog.pop_front()) {
+            return Some(Item::Backlog(msg));
+        }
+        loop {
+            let result = match self.sub.try_recv() {
+                Ok(msg) => Ok(msg),
+                Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+                Err(TryRecvError::Closed) => Err(RecvError::Closed),
+                Err(TryRecvError::Empty) => return None,
+            };
+            if let Some(item) = self.sequence(result) {
+                return Some(item);
+            }
+        }
+    }
+
+    /// Waits for the next item.
+    pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Item> {
+        if let Some(msg) = self.topic.as_mut().and_then(|t| t.backlog.pop_front()) {
+            return Poll::Ready(Item::Backlog(msg));
+        }
+        loop {
+            let result = match futures_util::ready!(self.sub.poll_recv(cx)) {
+                Some(result) => result,
+                None => Err(RecvError::Closed),
+            };
+            if let Some(item) = self.sequence(result) {
+                return Poll::Ready(item);
+            }
+        }
+    }
+
+    /// Keeps a topic's messages in order: one the client already has (in
+    /// the backlog, or before its position) is skipped, and one that comes
+    /// after a jump is preceded by a notice of exactly how many the client
+    /// will never get. So a skip under [`Policy::DropOldest`] is reported by
+    /// the sequence numbers, not by the channel's count (which includes
+    /// presence events).
+    fn sequence(&mut self, result: Result<Message, RecvError>) -> Option<Item> {
+        let Some(topic) = self.topic.as_mut() else {
+            return Some(Item::Live(result));
+        };
+        match result {
+            Ok(msg) => {
+                let seq = self.sub.seq();
+                if seq == 0 {
+                    // A presence event: not a message, not counted in seq.
+                    return Some(Item::Live(Ok(msg)));
+                }
+                if seq <= topic.seq {
+                    return None;
+                }
+                let missed = seq - topic.seq - 1;
+                topic.seq = seq;
+                if missed > 0 {
+                    if let Some(notice) = self.lag_notice.as_ref() {
+                        topic.backlog.push_back(msg);
+                        return Some(Item::Backlog(notice(missed)));
+                    }
+                }
+                Some(Item::Live(Ok(msg)))
+            }
+            // Under DropOldest the next message's seq tells the client
+            // what it lost; under Disconnect the session closes.
+            Err(RecvError::Lagged(_)) if self.policy != Policy::Disconnect => None,
+            Err(err) => Some(Item::Live(Err(err))),
+        }
+    }
+
+    /// Whether this subscriber has kept the buffer full (every publisher
+    /// waiting on it) for the hub's `stall_timeout` while other subscribers
+    /// kept up.
+    ///
+    /// A slow reader's backlog does not sit at the capacity: the kernel
+    /// takes its bytes in bursts as the client frees its receive window, so
+    /// the send task drains a burst of messages at once and the backlog
+    /// swings between full and far from it. So the clock starts at a sample
+    /// that finds the backlog full (within a sixteenth of the capacity:
+    /// publishers refill each slot it frees, so a sample rarely sees it quite
+    /// full) and runs on through later full samples; it stops only after a
+    /// quiet spell of half the timeout with no full sample, which a client
+    /// that keeps up has and one that is slower than the hub never does.
+    /// When every subscriber is full, the publishers are faster than anyone
+    /// reads (a burst, an overloaded machine): they wait, and nobody is
+    /// blamed.
+    pub(crate) fn stalled(&mut self) -> bool {
+        let Some(stall) = self.stall.as_mut() else {
+            return false;
+        };
+        if !std::mem::take(&mut stall.waited) && stall.full_since.is_none() {
+            return false;
+        }
+        // The capacity now: the byte bound may hold it below the configured one.
+        let capacity = self.sub.hub().capacity_now() as u64;
+        let full = self.sub.backlog() >= capacity - capacity / 16;
+        if !full && stall.full_since.is_none() {
+            return false;
+        }
+        let now = Instant::now();
+        if full {
+            stall.last_full = now;
+        } else if now.duration_since(stall.last_full) > stall.timeout / 2 {
+            stall.full_since = None;
+            self.sub.hub().stall_ended();
+            return false;
+        }
+        let since = *stall.full_since.get_or_insert_with(|| {
+            self.sub.hub().stall_started();
+            now
+        });
+        now.duration_since(since) >= stall.timeout && self.sub.hub().someone_keeps_up()
+    }
+
+    /// Notes that a write had to wait for the socket; returns how often the
+    /// wait must look at [`stalled`](Self::stalled).
+    fn waiting(&mut self) -> Option<Duration> {
+        self.stall.as_mut().map(|stall| {
+            stall.waited = true;
+            stall.timeout / 4
+        })
+    }
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        if self.stall.as_ref().is_some_and(|s| s.full_since.is_some()) {
+            self.sub.hub().stall_ended();
+        }
+    }
+}
+
+/// Every subscription a send task forwards, taken in turn: after an item
+/// from one, the next look starts at the one after it.
+#[derive(Default)]
+pub(crate) struct Forwards {
+    list: Vec<Forwarding>,
+    next: usize,
+}
+
+impl Forwards {
+    pub(crate) fn add(&mut self, new: NewForward) {
+        self.list.push(Forwarding::new(new));
+    }
+
+    /// Stops forwarding `key`; false if it was not forwarded.
+    pub(crate) fn remove(&mut self, key: ForwardKey) -> bool {
+        match self.list.iter().position(|fwd| fwd.key == key) {
+            Some(at) => {
+                self.list.swap_remove(at);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.list.clear();
+    }
+
+    pub(crate) fn get(&mut self, at: usize) -> Option<&mut Forwarding> {
+        self.list.get_mut(at)
+    }
+
+    pub(crate) fn iter_mut(&mut self) -> std::slice::IterMut<'_, Forwarding> {
+        self.list.iter_mut()
+    }
+
+    /// Takes every subscription out (to drain them at a close).
+    pub(crate) fn take(&mut self) -> Vec<Forwarding> {
+        std::mem::take(&mut self.list)
+    }
+
+    /// The next item that is ready now, and whose it is.
+    pub(crate) fn try_next(&mut self) -> Option<(usize, Item)> {
+        let len = self.list.len();
+        for k in 0..len {
+            let at = (self.next + k) % len;
+            if let Some(item) = self.list[at].try_next() {
+                self.next = at + 1;
+                return Some((at, item));
+            }
+        }
+        None
+    }
+
+    /// Waits for the next item of any subscription (for ever if none).
+    pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<(usize, Item)> {
+        let len = self.list.len();
+        for k in 0..len {
+            let at = (self.next + k) % len;
+            if let Poll::Ready(item) = self.list[at].poll_next(cx) {
+                self.next = at + 1;
+                return Poll::Ready((at, item));
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Whether any subscription has kept its `Suspend` hub full too long.
+    pub(crate) fn stalled(&mut self) -> bool {
+        // Every one is looked at: each keeps its own clock.
+        self.list
+            .iter_mut()
+            .fold(false, |any, fwd| fwd.stalled() | any)
+    }
+
+    /// Notes a write that waits; how often to look at [`stalled`](Self::stalled).
+    pub(crate) fn waiting(&mut self) -> Option<Duration> {
+        self.list.iter_mut().filter_map(Forwarding::waiting).min()
+    }
+}
