@@ -321,3 +321,98 @@ impl Forwards {
         self.list.iter_mut().filter_map(Forwarding::waiting).min()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Hub, HubConfig};
+
+    fn forward(forwards: &mut Forwards, hub: &Hub, key: ForwardKey) {
+        forwards.add(NewForward {
+            sub: hub.subscribe(),
+            key,
+            topic: None,
+        });
+    }
+
+    fn text(item: Item) -> String {
+        match item {
+            Item::Live(Ok(msg)) | Item::Backlog(msg) => msg.into_text().unwrap().to_string(),
+            Item::Live(Err(err)) => panic!("{err}"),
+        }
+    }
+
+    /// A hub with a long backlog does not hold back a quiet one: items are
+    /// taken from each in turn.
+    #[tokio::test]
+    async fn a_busy_hub_does_not_starve_a_quiet_one() {
+        let busy = Hub::with_config(HubConfig::default().capacity(256)).unwrap();
+        let quiet = Hub::new();
+        let mut forwards = Forwards::default();
+        forward(&mut forwards, &busy, 1);
+        forward(&mut forwards, &quiet, 2);
+        for i in 0..200 {
+            let _ = busy.try_publish(format!("busy {i}")).unwrap();
+        }
+        for i in 0..3 {
+            let _ = quiet.try_publish(format!("quiet {i}")).unwrap();
+        }
+        let first: Vec<String> = (0..6)
+            .map(|_| text(forwards.try_next().unwrap().1))
+            .collect();
+        assert_eq!(
+            first,
+            ["busy 0", "quiet 0", "busy 1", "quiet 1", "busy 2", "quiet 2"]
+        );
+        // Then the busy one alone, in order, to the end.
+        let rest: Vec<String> = std::iter::from_fn(|| forwards.try_next())
+            .map(|(_, item)| text(item))
+            .collect();
+        assert_eq!(rest.len(), 197);
+        assert_eq!(rest[0], "busy 3");
+        assert_eq!(rest[196], "busy 199");
+    }
+
+    #[tokio::test]
+    async fn a_removed_subscription_is_dropped() {
+        let (a, b) = (Hub::new(), Hub::new());
+        let mut forwards = Forwards::default();
+        forward(&mut forwards, &a, 1);
+        forward(&mut forwards, &b, 2);
+        assert_eq!(b.subscriber_count(), 1);
+        assert!(forwards.remove(2));
+        assert!(!forwards.remove(2));
+        assert_eq!(b.subscriber_count(), 0);
+        let _ = b.try_publish("gone").unwrap();
+        let _ = a.try_publish("here").unwrap();
+        assert_eq!(text(forwards.try_next().unwrap().1), "here");
+        assert!(forwards.try_next().is_none());
+    }
+
+    /// A topic subscription writes its backlog first, skips live messages
+    /// the backlog already had, and announces a jump in the sequence with
+    /// exactly the count skipped; presence events (seq 0) pass through.
+    #[tokio::test]
+    async fn a_topic_subscription_keeps_its_sequence() {
+        let hub = Hub::with_config(
+            HubConfig::default().lag_notice(|missed| Message::text(format!("gap {missed}"))),
+        )
+        .unwrap();
+        let mut forwards = Forwards::default();
+        forwards.add(NewForward {
+            sub: hub.subscribe(),
+            key: 1,
+            topic: Some(TopicStart {
+                backlog: ["m4", "m5"].map(Message::text).into(),
+                seq: 5,
+            }),
+        });
+        for (text, seq) in [("m5", 5), ("join", 0), ("m6", 6), ("m9", 9), ("m10", 10)] {
+            let _ = hub.try_publish_seq(Message::text(text), seq).unwrap();
+        }
+        let seen: Vec<String> = std::iter::from_fn(|| forwards.try_next())
+            .map(|(_, item)| text(item))
+            .collect();
+        assert_eq!(seen, ["m4", "m5", "join", "m6", "gap 2", "m9", "m10"]);
+    }
+}

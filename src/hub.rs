@@ -358,6 +358,15 @@ impl Hub {
         }
     }
 
+    /// [`try_publish`](Self::try_publish) with a sequence number, as
+    /// [`publish_seq`](Self::publish_seq).
+    #[cfg(test)]
+    pub(crate) fn try_publish_seq(&self, msg: Message, seq: u64) -> Result<Published, PublishError> {
+        let msg = self.check(msg)?;
+        let size = payload_len(&msg);
+        self.offer(msg, size, seq)
+    }
+
     /// Publishes without waiting (Ktor's `tryEmit`).
     ///
     /// # Errors

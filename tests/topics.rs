@@ -229,3 +229,73 @@ async fn topics_are_exported_by_name_within_the_metrics_bound() {
         "{text}"
     );
 }
+
+/// One session forwards several topics and drops one while it runs; each
+/// topic counts its own deliveries.
+#[tokio::test]
+async fn a_session_forwards_many_topics_and_stops_one_on_request() {
+    let topics = Topics::default();
+    let server = TestServer::start(Server::new().route("/multi", {
+        let topics = topics.clone();
+        move |mut session| {
+            let topics = topics.clone();
+            async move {
+                let out = session.outgoing();
+                let mut forwarded = std::collections::HashMap::new();
+                // The client names a topic to start it, or "-name" to stop it.
+                while let Some(msg) = session.recv().await {
+                    let Ok(text) = msg.into_text() else { continue };
+                    let reply = match text.strip_prefix('-') {
+                        Some(name) => match forwarded.remove(name) {
+                            Some(id) => out.unforward(id).await.map(|()| format!("stopped {name}")),
+                            None => Ok(format!("not forwarding {name}")),
+                        },
+                        None => {
+                            let sub = topics.subscribe(&text).unwrap();
+                            out.forward(sub).await.map(|id| {
+                                forwarded.insert(text.to_string(), id);
+                                format!("started {text}")
+                            })
+                        }
+                    };
+                    let Ok(reply) = reply else { break };
+                    if out.send(reply).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    }))
+    .await;
+    let mut client = server.connect("/multi").await;
+    for name in ["news", "sport", "weather"] {
+        client.send(name).await;
+        client.expect_text(&format!("started {name}")).await;
+    }
+    for name in ["news", "sport", "weather"] {
+        let _ = topics.publish(name, Message::text(format!("{name} 1"))).await;
+    }
+    let mut got: Vec<String> = Vec::new();
+    for _ in 0..3 {
+        got.push(client.recv_text().await);
+    }
+    got.sort();
+    assert_eq!(got, ["news 1", "sport 1", "weather 1"]);
+
+    client.send("-sport").await;
+    client.expect_text("stopped sport").await;
+    // The reply is written after the subscription is gone: sport is freed
+    // (no other subscriber) and what it gets now reaches nobody.
+    wait_for("sport to go", || topics.get("sport").is_none(), |gone| *gone).await;
+    for name in ["sport", "news"] {
+        let _ = topics.publish(name, Message::text(format!("{name} 2"))).await;
+    }
+    client.expect_text("news 2").await;
+    let (news, weather) = (topics.get("news").unwrap(), topics.get("weather").unwrap());
+    client.close(None).await;
+    wait_for("news to lose its subscriber", || news.stats(), |s| s.subscribers == 0).await;
+    assert_eq!(news.stats().delivered, 2);
+    wait_for("weather to lose its subscriber", || weather.stats(), |s| s.subscribers == 0).await;
+    assert_eq!(weather.stats().delivered, 1);
+    server.shutdown().await;
+}
