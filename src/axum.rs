@@ -83,8 +83,8 @@ use crate::Server;
 use crate::config::Config;
 use crate::request::Request;
 use crate::server::{
-    DEFAULT_SHUTDOWN_TIMEOUT, HandlerOutput, Rejection, check_upgrade, run_session,
-    switching_protocols,
+    DEFAULT_SHUTDOWN_TIMEOUT, HandlerOutput, Rejection, check_upgrade, choose_subprotocol,
+    run_session, switching_protocols,
 };
 use crate::session::{Session, Setup};
 
@@ -537,8 +537,10 @@ impl WebSocketUpgrade {
             request,
             config,
         } = self;
+        let config = config.unwrap_or_else(|| sessions.config.clone());
+        let protocol = choose_subprotocol(request.headers(), &[], &config.subprotocols);
         let setup = Setup {
-            config: config.unwrap_or_else(|| sessions.config.clone()),
+            config,
             // What the session keeps does not grow with what the client sent.
             request: request.keeping(&sessions.session_headers),
             raw: false,
@@ -565,7 +567,7 @@ impl WebSocketUpgrade {
                 () = shared.kill.cancelled() => tracing::debug!("session aborted: shutdown timeout"),
             }
         });
-        switching_protocols(accept)
+        switching_protocols(accept, protocol)
     }
 }
 

@@ -130,6 +130,15 @@ pub struct Config {
     /// Default: 64. After one message the send task keeps taking whatever is
     /// already waiting, up to this many, then flushes once.
     pub max_batch: usize,
+    /// The subprotocols (`Sec-WebSocket-Protocol`) the server may select,
+    /// besides the route's own ([`Server::pubsub`](crate::Server::pubsub)
+    /// selects `wshub.v1`). The first one the client offers, in the
+    /// client's order, is selected; a client that offers none of them is
+    /// still accepted, with none selected (RFC 6455 §4.2.2 leaves the
+    /// client to decide whether to go on).
+    ///
+    /// Default: none.
+    pub subprotocols: Vec<String>,
     /// How fast one client may publish to the hub through
     /// [`Session::join`](crate::Session::join); `None` for no limit.
     ///
@@ -219,6 +228,7 @@ impl Default for Config {
             write_buffer_size: 16 << 10,
             outgoing_capacity: 64,
             max_batch: 64,
+            subprotocols: Vec::new(),
             publish_rate: None,
             metrics: None,
         }
@@ -320,6 +330,17 @@ impl Config {
     #[must_use]
     pub fn metrics(mut self, metrics: Option<Metrics>) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// Sets [`subprotocols`](Self::subprotocols).
+    #[must_use]
+    pub fn subprotocols<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.subprotocols = names.into_iter().map(Into::into).collect();
         self
     }
 

@@ -362,7 +362,9 @@ mod tests {
             .collect();
         assert_eq!(
             first,
-            ["busy 0", "quiet 0", "busy 1", "quiet 1", "busy 2", "quiet 2"]
+            [
+                "busy 0", "quiet 0", "busy 1", "quiet 1", "busy 2", "quiet 2"
+            ]
         );
         // Then the busy one alone, in order, to the end.
         let rest: Vec<String> = std::iter::from_fn(|| forwards.try_next())

@@ -63,6 +63,8 @@ struct Shared {
     /// Run when the last handle and subscription are gone (a topic tells
     /// its broker it no longer needs the topic's messages here).
     on_free: Mutex<Option<FreeHook>>,
+    /// What a layer above keeps with the hub (a topic's settings).
+    ext: OnceLock<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 type FreeHook = Box<dyn FnOnce() + Send>;
@@ -319,6 +321,7 @@ impl Hub {
                 counters: Counters::default(),
                 latency: OnceLock::new(),
                 on_free: Mutex::new(None),
+                ext: OnceLock::new(),
             }),
         }
     }
@@ -361,7 +364,11 @@ impl Hub {
     /// [`try_publish`](Self::try_publish) with a sequence number, as
     /// [`publish_seq`](Self::publish_seq).
     #[cfg(test)]
-    pub(crate) fn try_publish_seq(&self, msg: Message, seq: u64) -> Result<Published, PublishError> {
+    pub(crate) fn try_publish_seq(
+        &self,
+        msg: Message,
+        seq: u64,
+    ) -> Result<Published, PublishError> {
         let msg = self.check(msg)?;
         let size = payload_len(&msg);
         self.offer(msg, size, seq)
@@ -521,8 +528,24 @@ impl Hub {
     /// Runs `hook` once the hub is freed (its last handle and subscription
     /// dropped), replacing any earlier hook.
     pub(crate) fn on_free(&self, hook: impl FnOnce() + Send + 'static) {
-        let mut slot = self.shared.on_free.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self
+            .shared
+            .on_free
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         *slot = Some(Box::new(hook));
+    }
+
+    /// What a layer above keeps with this hub, set by the first caller;
+    /// `None` if that was a value of another type.
+    pub(crate) fn ext<T: std::any::Any + Send + Sync>(
+        &self,
+        init: impl FnOnce() -> T,
+    ) -> Option<&T> {
+        self.shared
+            .ext
+            .get_or_init(|| Box::new(init()))
+            .downcast_ref()
     }
 
     pub(crate) fn downgrade(&self) -> WeakHub {

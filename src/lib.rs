@@ -140,6 +140,7 @@
 
 #[cfg(feature = "axum")]
 pub mod axum;
+mod broker;
 mod config;
 mod error;
 mod forward;
@@ -147,6 +148,7 @@ mod hub;
 mod message;
 mod metrics;
 mod policy;
+mod pubsub;
 mod request;
 mod server;
 mod session;
@@ -154,6 +156,10 @@ pub mod testing;
 mod topics;
 mod transport;
 
+pub use broker::{
+    Broker, BrokerError, Data, Delivery, Entry, Epoch, History, InProcess, Member, Position, Range,
+    Retention,
+};
 pub use config::{Config, Excess, HubConfig, LagNotice, RateLimit};
 pub use error::Error;
 pub use hub::{Hub, HubStats, PublishError, Published, RecvError, Subscription, TryRecvError};
@@ -162,6 +168,7 @@ pub use message::{
 };
 pub use metrics::{Metrics, MetricsBuilder};
 pub use policy::{ParsePolicyError, Policy};
+pub use pubsub::{Client, PubSub, PubSubConfig, PubSubError, SUBPROTOCOL, Subscribed, TopicConfig};
 pub use request::Request;
 pub use server::{HandlerOutput, Rejection, Server};
 pub use session::{ForwardId, Outgoing, Session};

@@ -149,6 +149,8 @@ struct Route {
     handler: Handler,
     raw: bool,
     config: Option<Config>,
+    /// Subprotocols the route speaks, besides the config's.
+    protocols: &'static [&'static str],
 }
 
 /// A WebSocket server with path routes (Ktor's `routing { webSocket("/path") { } }`).
@@ -638,6 +640,25 @@ impl Server {
         self.add(path, handler, false, Some(config))
     }
 
+    /// Serves the pub/sub protocol of `pubsub` at `path` (see
+    /// [`PubSub::serve`](crate::PubSub::serve)), selecting the `wshub.v1`
+    /// subprotocol for clients that offer it.
+    ///
+    /// ```
+    /// use wshub::{PubSub, PubSubConfig, Server};
+    /// let pubsub = PubSub::new(PubSubConfig::default()).unwrap();
+    /// let server = Server::new().pubsub("/pubsub", &pubsub);
+    /// # drop(server);
+    /// ```
+    #[must_use]
+    pub fn pubsub(self, path: &str, pubsub: &crate::PubSub) -> Server {
+        let mut server = self.add(path, pubsub.route(), false, None);
+        if let Some(route) = server.routes.get_mut(path).and_then(Arc::get_mut) {
+            route.protocols = &[crate::SUBPROTOCOL];
+        }
+        server
+    }
+
     /// A raw route (Ktor's `webSocketRaw`): the handler sees pings, pongs and
     /// Close frames, and the server sends no pings of its own.
     ///
@@ -669,6 +690,7 @@ impl Server {
                 handler,
                 raw,
                 config,
+                protocols: &[],
             }),
         );
         self
@@ -982,10 +1004,11 @@ impl Server {
             hook(&request, &mut config)?;
         }
         let slot = self.reserve()?;
+        let protocol = choose_subprotocol(request.headers(), route.protocols, &config.subprotocols);
         // What the session keeps does not grow with what the client sent.
         let request = request.keeping(&self.session_headers);
         Ok(Answer::Upgrade(
-            switching_protocols(accept),
+            switching_protocols(accept, protocol),
             Box::new(Upgrade {
                 on_upgrade,
                 route,
@@ -1036,14 +1059,41 @@ fn scrape(method: &Method, metrics: &Metrics) -> Result<http::Response<Full<Byte
 
 /// The `101 Switching Protocols` that accepts an upgrade, with its
 /// `Sec-WebSocket-Accept` value (from [`check_upgrade`]) and an empty body.
-pub(crate) fn switching_protocols<B: From<Bytes>>(accept: HeaderValue) -> http::Response<B> {
+pub(crate) fn switching_protocols<B: From<Bytes>>(
+    accept: HeaderValue,
+    protocol: Option<HeaderValue>,
+) -> http::Response<B> {
     let mut response = http::Response::new(B::from(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    if let Some(protocol) = protocol {
+        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+    }
     response
+}
+
+/// The subprotocol to select: the first the client offers (in its
+/// `Sec-WebSocket-Protocol` headers, in order) that `route` or `config`
+/// supports.
+pub(crate) fn choose_subprotocol(
+    headers: &http::HeaderMap,
+    route: &[&str],
+    config: &[String],
+) -> Option<HeaderValue> {
+    if route.is_empty() && config.is_empty() {
+        return None;
+    }
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .find(|offered| route.contains(offered) || config.iter().any(|c| c == offered))
+        .and_then(|chosen| HeaderValue::from_str(chosen).ok())
 }
 
 /// An accepted upgrade, run once hyper hands over the connection.

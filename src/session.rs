@@ -137,14 +137,14 @@ struct CloseRequest {
 }
 
 /// A token bucket for [`RateLimit`].
-struct Bucket {
+pub(crate) struct Bucket {
     limit: RateLimit,
     tokens: f64,
     last: Instant,
 }
 
 impl Bucket {
-    fn new(limit: RateLimit) -> Bucket {
+    pub(crate) fn new(limit: RateLimit) -> Bucket {
         Bucket {
             limit,
             tokens: f64::from(limit.burst.max(1)),
@@ -152,8 +152,13 @@ impl Bucket {
         }
     }
 
+    /// What a message over the limit does.
+    pub(crate) fn excess(&self) -> Excess {
+        self.limit.excess
+    }
+
     /// Takes a token if there is one.
-    fn take(&mut self) -> bool {
+    pub(crate) fn take(&mut self) -> bool {
         let now = Instant::now();
         let earned = now.duration_since(self.last).as_secs_f64() * f64::from(self.limit.per_second);
         self.tokens = (self.tokens + earned).min(f64::from(self.limit.burst.max(1)));
@@ -586,6 +591,15 @@ impl Session {
     /// ```
     pub fn span(&self) -> &tracing::Span {
         &self.out.shared.span
+    }
+
+    pub(crate) fn request_arc(&self) -> Arc<Request> {
+        self.request.clone()
+    }
+
+    /// The session's [`Config::publish_rate`], as a bucket to take from.
+    pub(crate) fn publish_bucket(&self) -> Option<Bucket> {
+        self.out.shared.publish_rate.map(Bucket::new)
     }
 
     /// The upgrade request: path, query, headers, peer address (Ktor's `call`).

@@ -226,7 +226,7 @@ impl Topics {
         self.check_name(name).is_ok()
     }
 
-    fn check_name(&self, name: &str) -> Result<(), TopicError> {
+    pub(crate) fn check_name(&self, name: &str) -> Result<(), TopicError> {
         let max = self.shared.config.max_name_len;
         if name.is_empty() {
             return Err(TopicError::BadName("a topic name cannot be empty".into()));

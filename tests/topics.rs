@@ -273,7 +273,9 @@ async fn a_session_forwards_many_topics_and_stops_one_on_request() {
         client.expect_text(&format!("started {name}")).await;
     }
     for name in ["news", "sport", "weather"] {
-        let _ = topics.publish(name, Message::text(format!("{name} 1"))).await;
+        let _ = topics
+            .publish(name, Message::text(format!("{name} 1")))
+            .await;
     }
     let mut got: Vec<String> = Vec::new();
     for _ in 0..3 {
@@ -286,16 +288,33 @@ async fn a_session_forwards_many_topics_and_stops_one_on_request() {
     client.expect_text("stopped sport").await;
     // The reply is written after the subscription is gone: sport is freed
     // (no other subscriber) and what it gets now reaches nobody.
-    wait_for("sport to go", || topics.get("sport").is_none(), |gone| *gone).await;
+    wait_for(
+        "sport to go",
+        || topics.get("sport").is_none(),
+        |gone| *gone,
+    )
+    .await;
     for name in ["sport", "news"] {
-        let _ = topics.publish(name, Message::text(format!("{name} 2"))).await;
+        let _ = topics
+            .publish(name, Message::text(format!("{name} 2")))
+            .await;
     }
     client.expect_text("news 2").await;
     let (news, weather) = (topics.get("news").unwrap(), topics.get("weather").unwrap());
     client.close(None).await;
-    wait_for("news to lose its subscriber", || news.stats(), |s| s.subscribers == 0).await;
+    wait_for(
+        "news to lose its subscriber",
+        || news.stats(),
+        |s| s.subscribers == 0,
+    )
+    .await;
     assert_eq!(news.stats().delivered, 2);
-    wait_for("weather to lose its subscriber", || weather.stats(), |s| s.subscribers == 0).await;
+    wait_for(
+        "weather to lose its subscriber",
+        || weather.stats(),
+        |s| s.subscribers == 0,
+    )
+    .await;
     assert_eq!(weather.stats().delivered, 1);
     server.shutdown().await;
 }

@@ -1,0 +1,720 @@
+//! The broker: where a topic's positions, history and presence live.
+//!
+//! A [`PubSub`](crate::PubSub) node keeps one local [`Hub`] per topic that
+//! has subscribers here, and leaves everything that must agree across nodes
+//! to its [`Broker`]: the next sequence number, the epoch, the kept history
+//! and the members. The broker delivers each publish, in sequence order, to
+//! every node that [`watch`](Broker::watch)es the topic, through the
+//! [`Delivery`] the node handed it. [`InProcess`] is the embedded broker of a
+//! single node; a broker on a shared server (Redis, NATS) implements the
+//! same trait, and nothing in a node assumes the broker is local.
+
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use serde::Serialize;
+
+use crate::hub::{Hub, WeakHub};
+use crate::message::Message;
+
+/// A topic's epoch: an opaque string, new whenever the topic's history
+/// starts afresh (a new topic, a broker that lost its data).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Epoch(Arc<str>);
+
+impl Epoch {
+    /// An epoch with this text (a broker's own format).
+    pub fn new(text: impl Into<Arc<str>>) -> Epoch {
+        Epoch(text.into())
+    }
+
+    /// A fresh random epoch: 16 hex digits.
+    pub fn random() -> Epoch {
+        static COUNT: AtomicU64 = AtomicU64::new(0);
+        // RandomState is seeded from the OS once per process and varied per
+        // instance: enough to tell one topic's lives apart.
+        let n = COUNT.fetch_add(1, Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let hash = RandomState::new().hash_one((n, nanos));
+        Epoch(format!("{hash:016x}").into())
+    }
+
+    /// The epoch's text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where a client stands in a topic: the last message it has.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Position {
+    /// The topic's epoch.
+    pub epoch: Epoch,
+    /// The sequence number of the last message (0: none yet).
+    pub seq: u64,
+}
+
+/// A published value: one JSON document, kept as its text.
+///
+/// Cloning shares the text.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Data(Arc<str>);
+
+impl Data {
+    /// Serializes `value` to JSON.
+    ///
+    /// # Errors
+    ///
+    /// The serializer's error, if `value` cannot be written as JSON.
+    pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Data, serde_json::Error> {
+        Ok(Data(serde_json::to_string(value)?.into()))
+    }
+
+    /// Takes `text` if it is one valid JSON document.
+    ///
+    /// # Errors
+    ///
+    /// The parser's error, if it is not.
+    pub fn from_json_text(text: &str) -> Result<Data, serde_json::Error> {
+        let raw: &serde_json::value::RawValue = serde_json::from_str(text)?;
+        Ok(Data(raw.get().into()))
+    }
+
+    /// Wraps JSON text known to be valid (a broker reading back what a
+    /// node gave it).
+    pub fn from_trusted(text: impl Into<Arc<str>>) -> Data {
+        Data(text.into())
+    }
+
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the text is empty (never, for valid JSON).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Data {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One kept message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Its sequence number.
+    pub seq: u64,
+    /// Its value.
+    pub data: Data,
+}
+
+/// What a topic keeps: its last `size` messages, each for `ttl` after it
+/// was published. Sent with every call that may create or trim the
+/// history, so the broker needs no configuration of its own per topic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// How many of the latest messages are kept (0: none).
+    pub size: usize,
+    /// How long each is kept.
+    pub ttl: Duration,
+}
+
+/// Which kept messages to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Range {
+    /// Every kept message after this sequence number.
+    After(u64),
+    /// The latest `n` kept messages.
+    Last(usize),
+}
+
+/// A read of a topic's history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct History {
+    /// The topic's epoch.
+    pub epoch: Epoch,
+    /// The sequence number of the topic's latest message (0: none yet).
+    /// Every message after it reaches the watching nodes after this read.
+    pub last: u64,
+    /// The messages read, oldest first, with no holes between them.
+    pub entries: Vec<Entry>,
+}
+
+/// A client subscribed to a topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// The client's id (unique across the nodes of one broker).
+    pub client: Arc<str>,
+    /// What the server attached to it (a user name), if anything.
+    pub info: Option<Data>,
+}
+
+/// Why a broker could not do what was asked.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerError {
+    /// The broker cannot be reached, or did not answer in time (the
+    /// protocol's `unavailable`).
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// A bound of the broker's was reached: topics, members (the
+    /// protocol's `limit`).
+    #[error("{0}")]
+    Limit(String),
+}
+
+/// Where positions, history and presence live, for one node or many.
+///
+/// A node calls [`watch`](Self::watch) when a topic gets its first local
+/// subscriber and [`unwatch`](Self::unwatch) when it has none left; in
+/// between, the broker hands every message and presence event of the topic
+/// to the node's [`Delivery`], one at a time, in sequence order, each
+/// delivery awaited before the next.
+///
+/// Implementations guarantee, per topic:
+///
+/// - [`publish`](Self::publish) gives the next sequence number (1, 2, 3,
+///   ... with no holes) in the current epoch, keeps the message as
+///   [`Retention`] says, and delivers it to every watching node;
+/// - a [`history`](Self::history) read's `last` is such that every message
+///   after it is delivered to a node that was watching before the read;
+/// - the epoch changes whenever the sequence starts again at 1.
+pub trait Broker: Send + Sync + 'static {
+    /// Starts delivering `topic` to this node through `delivery` (replacing
+    /// an earlier delivery of the topic, which is dead by then). Resolves once
+    /// deliveries are assured.
+    fn watch<'a>(
+        &'a self,
+        topic: &'a str,
+        delivery: Delivery,
+    ) -> BoxFuture<'a, Result<(), BrokerError>>;
+
+    /// The node's delivery of `topic` has no subscriber left. Called from
+    /// wherever the topic's last subscription is dropped, so it must not
+    /// block; the topic may be watched again at any time, and an unwatch
+    /// must leave alone a delivery that is [alive](Delivery::is_alive).
+    fn unwatch(&self, topic: &str);
+
+    /// Publishes `data` on `topic`: the position it got.
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        data: Data,
+        keep: Retention,
+    ) -> BoxFuture<'a, Result<Position, BrokerError>>;
+
+    /// Reads `topic`'s kept messages (creating the topic, with a new epoch,
+    /// if it does not exist).
+    fn history<'a>(
+        &'a self,
+        topic: &'a str,
+        range: Range,
+        keep: Retention,
+    ) -> BoxFuture<'a, Result<History, BrokerError>>;
+
+    /// Adds `member` to `topic`'s presence (at most `max` members), and
+    /// delivers a join event to the watching nodes.
+    fn join<'a>(
+        &'a self,
+        topic: &'a str,
+        member: Member,
+        max: usize,
+    ) -> BoxFuture<'a, Result<(), BrokerError>>;
+
+    /// Removes `client` from `topic`'s presence, and delivers a leave event
+    /// if it was there.
+    fn leave<'a>(
+        &'a self,
+        topic: &'a str,
+        client: &'a str,
+    ) -> BoxFuture<'a, Result<(), BrokerError>>;
+
+    /// Who is in `topic`'s presence now.
+    fn members<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Vec<Member>, BrokerError>>;
+}
+
+/// A node's end of a watched topic: what the broker calls to deliver.
+///
+/// It publishes into the node's local hub of the topic, encoded once as the
+/// pub/sub protocol's pushes, so every local subscriber shares one copy. It
+/// does not keep the hub alive.
+#[derive(Clone)]
+pub struct Delivery {
+    topic: Arc<str>,
+    hub: Arc<WeakHub>,
+    events: bool,
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("topic", &self.topic)
+            .field("alive", &self.is_alive())
+            .finish()
+    }
+}
+
+impl Delivery {
+    pub(crate) fn new(topic: &str, hub: &Hub, events: bool) -> Delivery {
+        Delivery {
+            topic: topic.into(),
+            hub: Arc::new(hub.downgrade()),
+            events,
+        }
+    }
+
+    /// The topic it delivers.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Whether the node still has subscribers of the topic.
+    pub fn is_alive(&self) -> bool {
+        self.hub.is_alive()
+    }
+
+    /// Delivers a message to the node's subscribers, waiting while a
+    /// [`Suspend`](crate::Policy::Suspend) topic's buffer is full.
+    pub async fn message(&self, epoch: &Epoch, seq: u64, data: &Data) {
+        if let Some(hub) = self.hub.upgrade() {
+            let push = encode_message(&self.topic, epoch, seq, data);
+            let _ = hub.publish_seq(push, seq).await;
+        }
+    }
+
+    /// Tells the node's subscribers that `missed` messages are lost for
+    /// good (a broker that could not deliver some).
+    pub async fn gap(&self, missed: u64) {
+        if let Some(hub) = self.hub.upgrade() {
+            let _ = hub.publish_seq(encode_gap(&self.topic, missed), 0).await;
+        }
+    }
+
+    /// Tells the node's subscribers that `member` joined, if the topic
+    /// sends presence events.
+    pub async fn join(&self, member: &Member) {
+        if !self.events {
+            return;
+        }
+        if let Some(hub) = self.hub.upgrade() {
+            let push = match &member.info {
+                Some(info) => format!(
+                    r#"{{"op":"join","topic":{},"client":{},"info":{}}}"#,
+                    json_str(&self.topic),
+                    json_str(&member.client),
+                    info.as_str()
+                ),
+                None => format!(
+                    r#"{{"op":"join","topic":{},"client":{}}}"#,
+                    json_str(&self.topic),
+                    json_str(&member.client)
+                ),
+            };
+            let _ = hub.publish_seq(Message::text(push), 0).await;
+        }
+    }
+
+    /// Tells the node's subscribers that `client` left, if the topic sends
+    /// presence events.
+    pub async fn leave(&self, client: &str) {
+        if !self.events {
+            return;
+        }
+        if let Some(hub) = self.hub.upgrade() {
+            let push = format!(
+                r#"{{"op":"leave","topic":{},"client":{}}}"#,
+                json_str(&self.topic),
+                json_str(client)
+            );
+            let _ = hub.publish_seq(Message::text(push), 0).await;
+        }
+    }
+}
+
+/// A JSON string literal.
+pub(crate) fn json_str(text: &str) -> String {
+    serde_json::to_string(text).unwrap_or_else(|_| "\"\"".into())
+}
+
+/// The protocol's `message` push.
+pub(crate) fn encode_message(topic: &str, epoch: &Epoch, seq: u64, data: &Data) -> Message {
+    Message::text(format!(
+        r#"{{"op":"message","topic":{},"epoch":{},"seq":{seq},"data":{}}}"#,
+        json_str(topic),
+        json_str(epoch.as_str()),
+        data.as_str()
+    ))
+}
+
+/// The protocol's `gap` push.
+pub(crate) fn encode_gap(topic: &str, missed: u64) -> Message {
+    Message::text(format!(
+        r#"{{"op":"gap","topic":{},"missed":{missed}}}"#,
+        json_str(topic)
+    ))
+}
+
+/// The embedded broker of one node: positions, history and presence in
+/// this process's memory.
+///
+/// Per topic it keeps the epoch, the last sequence number, the retained
+/// messages and the members. A topic is freed when no local subscriber
+/// watches it, no message is retained (each goes after its TTL) and no
+/// member is present; its next use starts a new epoch. At most
+/// `max_topics` topics exist at once: a publish or read that would create
+/// one more is refused with [`BrokerError::Limit`].
+///
+/// Publishes on one topic are serialized: each is numbered, kept and
+/// delivered to the local hub before the next, so every subscriber sees
+/// one order (under [`Suspend`](crate::Policy::Suspend), a full hub holds
+/// the topic's publishers back, as it would hold back a hub's).
+pub struct InProcess {
+    logs: Mutex<HashMap<Arc<str>, Arc<Log>>>,
+    max_topics: usize,
+    /// Uses since the last sweep of freeable topics.
+    uses: AtomicU64,
+}
+
+impl fmt::Debug for InProcess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InProcess")
+            .field("topics", &self.topics())
+            .field("max_topics", &self.max_topics)
+            .finish()
+    }
+}
+
+struct Log {
+    state: tokio::sync::Mutex<LogState>,
+    /// The node's delivery: outside the state's lock, so that an unwatch
+    /// (from a drop, synchronous) never waits for a publish.
+    watcher: Mutex<Option<Delivery>>,
+}
+
+struct LogState {
+    epoch: Epoch,
+    last: u64,
+    kept: VecDeque<Kept>,
+    members: HashMap<Arc<str>, Member>,
+}
+
+struct Kept {
+    seq: u64,
+    data: Data,
+    /// When its TTL ends.
+    until: Instant,
+}
+
+impl LogState {
+    fn new() -> LogState {
+        LogState {
+            epoch: Epoch::random(),
+            last: 0,
+            kept: VecDeque::new(),
+            members: HashMap::new(),
+        }
+    }
+
+    /// Lets go of what `keep` no longer covers.
+    fn trim(&mut self, keep: Retention, now: Instant) {
+        while self.kept.len() > keep.size {
+            self.kept.pop_front();
+        }
+        while self.kept.front().is_some_and(|k| k.until <= now) {
+            self.kept.pop_front();
+        }
+    }
+}
+
+impl Log {
+    fn new() -> Log {
+        Log {
+            state: tokio::sync::Mutex::new(LogState::new()),
+            watcher: Mutex::new(None),
+        }
+    }
+
+    fn watcher(&self) -> Option<Delivery> {
+        let watcher = self.watcher.lock().unwrap_or_else(|p| p.into_inner());
+        watcher.as_ref().filter(|d| d.is_alive()).cloned()
+    }
+
+    fn is_watched(&self) -> bool {
+        self.watcher().is_some()
+    }
+
+    /// Whether the topic can be forgotten: unwatched, nobody present, and
+    /// every kept message past its TTL (a state in use is not).
+    fn is_freeable(&self, now: Instant) -> bool {
+        if self.is_watched() {
+            return false;
+        }
+        match self.state.try_lock() {
+            Ok(state) => {
+                state.members.is_empty() && state.kept.back().is_none_or(|k| k.until <= now)
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+impl Default for InProcess {
+    fn default() -> Self {
+        InProcess::new(10_000)
+    }
+}
+
+impl InProcess {
+    /// Sweep the freeable topics every this many creations and reads.
+    const SWEEP_EVERY: u64 = 256;
+
+    /// A broker that holds at most `max_topics` topics at once.
+    pub fn new(max_topics: usize) -> InProcess {
+        InProcess {
+            logs: Mutex::new(HashMap::new()),
+            max_topics: max_topics.max(1),
+            uses: AtomicU64::new(0),
+        }
+    }
+
+    /// How many topics it holds now (freeing those it can first).
+    pub fn topics(&self) -> usize {
+        let mut logs = self.lock();
+        Self::sweep(&mut logs);
+        logs.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Log>>> {
+        self.logs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forgets the topics that can be: a log held by a call under way is not.
+    fn sweep(logs: &mut HashMap<Arc<str>, Arc<Log>>) {
+        let now = Instant::now();
+        logs.retain(|_, log| Arc::strong_count(log) > 1 || !log.is_freeable(now));
+    }
+
+    /// The topic's log, created (within the bound) if it does not exist.
+    fn log(&self, topic: &str) -> Result<Arc<Log>, BrokerError> {
+        let mut logs = self.lock();
+        if self.uses.fetch_add(1, Relaxed) % Self::SWEEP_EVERY == 0 {
+            Self::sweep(&mut logs);
+        }
+        if let Some(log) = logs.get(topic) {
+            return Ok(log.clone());
+        }
+        if logs.len() >= self.max_topics {
+            Self::sweep(&mut logs);
+            if logs.len() >= self.max_topics {
+                return Err(BrokerError::Limit(format!(
+                    "{} topics exist, the most this broker holds",
+                    logs.len()
+                )));
+            }
+        }
+        let log = Arc::new(Log::new());
+        logs.insert(topic.into(), log.clone());
+        Ok(log)
+    }
+
+    async fn do_publish(
+        &self,
+        topic: &str,
+        data: Data,
+        keep: Retention,
+    ) -> Result<Position, BrokerError> {
+        let log = self.log(topic)?;
+        let mut state = log.state.lock().await;
+        let now = Instant::now();
+        state.trim(keep, now);
+        state.last += 1;
+        let seq = state.last;
+        if keep.size > 0 && !keep.ttl.is_zero() {
+            state.kept.push_back(Kept {
+                seq,
+                data: data.clone(),
+                until: now + keep.ttl,
+            });
+            state.trim(keep, now);
+        }
+        let position = Position {
+            epoch: state.epoch.clone(),
+            seq,
+        };
+        // Delivered under the topic's lock: the next publish waits, so the
+        // hub holds the topic's messages in sequence order.
+        if let Some(delivery) = log.watcher() {
+            delivery.message(&position.epoch, seq, &data).await;
+        }
+        Ok(position)
+    }
+
+    async fn do_history(
+        &self,
+        topic: &str,
+        range: Range,
+        keep: Retention,
+    ) -> Result<History, BrokerError> {
+        let log = self.log(topic)?;
+        let mut state = log.state.lock().await;
+        state.trim(keep, Instant::now());
+        let entries = match range {
+            Range::After(seq) => state
+                .kept
+                .iter()
+                .filter(|k| k.seq > seq)
+                .map(|k| Entry {
+                    seq: k.seq,
+                    data: k.data.clone(),
+                })
+                .collect(),
+            Range::Last(n) => {
+                let skip = state.kept.len().saturating_sub(n);
+                state
+                    .kept
+                    .iter()
+                    .skip(skip)
+                    .map(|k| Entry {
+                        seq: k.seq,
+                        data: k.data.clone(),
+                    })
+                    .collect()
+            }
+        };
+        Ok(History {
+            epoch: state.epoch.clone(),
+            last: state.last,
+            entries,
+        })
+    }
+
+    async fn do_join(&self, topic: &str, member: Member, max: usize) -> Result<(), BrokerError> {
+        let log = self.log(topic)?;
+        let mut state = log.state.lock().await;
+        if !state.members.contains_key(&member.client) && state.members.len() >= max {
+            return Err(BrokerError::Limit(format!(
+                "topic {topic:?} has {} members, the most its presence holds",
+                state.members.len()
+            )));
+        }
+        state.members.insert(member.client.clone(), member.clone());
+        if let Some(delivery) = log.watcher() {
+            delivery.join(&member).await;
+        }
+        Ok(())
+    }
+
+    async fn do_leave(&self, topic: &str, client: &str) -> Result<(), BrokerError> {
+        let Some(log) = self.lock().get(topic).cloned() else {
+            return Ok(());
+        };
+        let mut state = log.state.lock().await;
+        if state.members.remove(client).is_some() {
+            if let Some(delivery) = log.watcher() {
+                delivery.leave(client).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn do_members(&self, topic: &str) -> Result<Vec<Member>, BrokerError> {
+        let Some(log) = self.lock().get(topic).cloned() else {
+            return Ok(Vec::new());
+        };
+        let state = log.state.lock().await;
+        let mut members: Vec<Member> = state.members.values().cloned().collect();
+        members.sort_by(|a, b| a.client.cmp(&b.client));
+        Ok(members)
+    }
+}
+
+impl Broker for InProcess {
+    fn watch<'a>(
+        &'a self,
+        topic: &'a str,
+        delivery: Delivery,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(async move {
+            let log = self.log(topic)?;
+            *log.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(delivery);
+            Ok(())
+        })
+    }
+
+    fn unwatch(&self, topic: &str) {
+        let log = self.lock().get(topic).cloned();
+        if let Some(log) = log {
+            let mut watcher = log.watcher.lock().unwrap_or_else(|p| p.into_inner());
+            if watcher.as_ref().is_some_and(|d| !d.is_alive()) {
+                *watcher = None;
+            }
+        }
+    }
+
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        data: Data,
+        keep: Retention,
+    ) -> BoxFuture<'a, Result<Position, BrokerError>> {
+        Box::pin(self.do_publish(topic, data, keep))
+    }
+
+    fn history<'a>(
+        &'a self,
+        topic: &'a str,
+        range: Range,
+        keep: Retention,
+    ) -> BoxFuture<'a, Result<History, BrokerError>> {
+        Box::pin(self.do_history(topic, range, keep))
+    }
+
+    fn join<'a>(
+        &'a self,
+        topic: &'a str,
+        member: Member,
+        max: usize,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(self.do_join(topic, member, max))
+    }
+
+    fn leave<'a>(
+        &'a self,
+        topic: &'a str,
+        client: &'a str,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(self.do_leave(topic, client))
+    }
+
+    fn members<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Vec<Member>, BrokerError>> {
+        Box::pin(self.do_members(topic))
+    }
+}
