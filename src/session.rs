@@ -914,7 +914,7 @@ impl Session {
     ///
     /// The send task batches: after one hub message it writes whatever else is
     /// already waiting (up to [`Config::max_batch`]) and flushes once. The
-    /// hub's [`Policy`] decides what happens when this client falls behind.
+    /// hub's [`Policy`](crate::Policy) decides what happens when this client falls behind.
     ///
     /// Once the session is closing (a Close sent or requested from any
     /// handle, a limit tripped, the server shutting down), nothing more the
