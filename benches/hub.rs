@@ -10,10 +10,15 @@
 //! baseline is the axum chat pattern (`tokio::sync::broadcast<String>`, each
 //! subscriber turning the string into its own frame). Throughput is in
 //! deliveries, so the two lines compare directly.
+//!
+//! The `topic` group publishes the same through a [`PubSub`] topic (the
+//! embedded broker numbers it, keeps it in the history and encodes the
+//! protocol's `message` push once) against a plain hub's `publish`, both
+//! awaited on one current-thread runtime.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
-use wshub::{Hub, HubConfig, Message, Policy, Published};
+use wshub::{Data, Hub, HubConfig, Message, Policy, PubSub, PubSubConfig, Published, TopicConfig};
 
 const PAYLOAD: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
@@ -57,5 +62,59 @@ fn fan_out(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, fan_out);
+fn topic(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a runtime");
+    let hub_config = HubConfig::default().capacity(16).policy(Policy::DropOldest);
+    let mut group = c.benchmark_group("topic");
+    for subscribers in [1usize, 100, 1000] {
+        group.throughput(Throughput::Elements(subscribers as u64));
+
+        let hub = Hub::with_config(hub_config.clone()).expect("capacity is not zero");
+        let mut subs: Vec<_> = (0..subscribers).map(|_| hub.subscribe()).collect();
+        let msg = Message::text(PAYLOAD);
+        group.bench_function(
+            BenchmarkId::new("hub-publish", format!("1 -> {subscribers}")),
+            |b| {
+                b.iter(|| {
+                    let published = rt.block_on(hub.publish(msg.clone()));
+                    assert_eq!(published, Ok(Published::Queued));
+                    for sub in &mut subs {
+                        black_box(sub.try_recv().expect("one message per publish"));
+                    }
+                })
+            },
+        );
+
+        let pubsub = PubSub::new(
+            PubSubConfig::default().topic(TopicConfig::default().hub(hub_config.clone())),
+        )
+        .expect("a valid configuration");
+        // One subscription through the node puts the topic's hub in place;
+        // the rest read that hub as the sessions' send tasks do.
+        let first = rt
+            .block_on(pubsub.subscribe("bench", None))
+            .expect("a valid topic");
+        let local = pubsub.topics().get("bench").expect("the topic exists");
+        let mut subs: Vec<_> = (1..subscribers).map(|_| local.subscribe()).collect();
+        let data = Data::json(PAYLOAD).expect("a string is JSON");
+        group.bench_function(
+            BenchmarkId::new("pubsub-publish", format!("1 -> {subscribers}")),
+            |b| {
+                b.iter(|| {
+                    let at = rt.block_on(pubsub.publish("bench", data.clone()));
+                    black_box(at.expect("the topic takes it"));
+                    for sub in &mut subs {
+                        black_box(sub.try_recv().expect("one message per publish"));
+                    }
+                })
+            },
+        );
+        drop(first);
+    }
+    group.finish();
+}
+
+criterion_group!(benches, fan_out, topic);
 criterion_main!(benches);

@@ -40,7 +40,11 @@ pub const SUBPROTOCOL: &str = "wshub.v1";
 pub struct TopicConfig {
     /// The topic's local hub: buffer capacity and slow-client policy.
     ///
-    /// Default: [`HubConfig::default`] (1,024 messages, `Suspend`). Its
+    /// Default: [`HubConfig::default`] with a capacity of 256 messages
+    /// (`Suspend`). A hub's buffer is allocated when the topic is created,
+    /// about 64 bytes a slot: 16 KiB per topic here, against 64 KiB for a
+    /// plain hub's 1,024, since a node may hold thousands of topics. A
+    /// larger buffer absorbs longer bursts before the policy acts. Its
     /// `lag_notice` is replaced by the protocol's `gap` push.
     pub hub: HubConfig,
     /// How many of the latest messages a new subscriber (one without
@@ -76,7 +80,7 @@ pub struct TopicConfig {
 impl Default for TopicConfig {
     fn default() -> Self {
         TopicConfig {
-            hub: HubConfig::default(),
+            hub: HubConfig::default().capacity(Self::CAPACITY),
             replay: 0,
             history: 100,
             history_ttl: Duration::from_secs(600),
@@ -87,6 +91,9 @@ impl Default for TopicConfig {
 }
 
 impl TopicConfig {
+    /// The default [`hub`](Self::hub) capacity.
+    pub const CAPACITY: usize = 256;
+
     /// Sets [`hub`](Self::hub).
     #[must_use]
     pub fn hub(mut self, hub: HubConfig) -> Self {
@@ -754,6 +761,7 @@ impl PubSub {
             bucket: session.publish_bucket(),
             subscribed: HashMap::new(),
             pending: None,
+            close_after: None,
             members: Leaves {
                 broker: self.inner.broker.clone(),
                 client: client.id.clone(),
@@ -762,6 +770,11 @@ impl PubSub {
             client,
         };
         while let Some(msg) = session.recv().await {
+            // Once a close is under way, what the client still sends is
+            // read (to see its Close) and not acted on.
+            if conn.out.is_closed() {
+                continue;
+            }
             let reply = match msg {
                 Message::Text(text) => conn.command(&text).await,
                 _ => error_reply(
@@ -771,6 +784,10 @@ impl PubSub {
             };
             if conn.out.send(reply).await.is_err() {
                 break;
+            }
+            if let Some(reason) = conn.close_after.take() {
+                tracing::debug!("publish rate limit exceeded");
+                conn.out.close(reason);
             }
             if let Some((topic, subscribed)) = conn.pending.take() {
                 match subscribed.forward(&conn.out).await {
@@ -797,6 +814,8 @@ struct Connection {
     subscribed: HashMap<Arc<str>, ForwardId>,
     /// A subscription whose reply is on its way: forwarded right after.
     pending: Option<(Arc<str>, Subscribed)>,
+    /// A close to start once the reply is queued (the client learns why).
+    close_after: Option<CloseReason>,
     members: Leaves,
 }
 
@@ -946,7 +965,7 @@ impl Connection {
                 if let Some(bucket) = self.bucket.as_mut() {
                     if !bucket.take() {
                         if bucket.excess() == crate::Excess::Close {
-                            self.out.close(close_reason(
+                            self.close_after = Some(close_reason(
                                 CloseCode::Policy,
                                 "publish rate limit exceeded",
                             ));

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::process::{ExampleProcess, build_example, free_port};
+
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,8 +15,8 @@ use futures_util::future::BoxFuture;
 use serde_json::{Value, json};
 use wshub::testing::{TestClient, TestServer};
 use wshub::{
-    Broker, BrokerError, Config, Data, Delivery, History, HubConfig, InProcess, Member, Message,
-    Policy, Position, PubSub, PubSubConfig, Range, RateLimit, Retention, Server, TopicConfig,
+    Broker, BrokerError, Config, Data, Delivery, History, HubConfig, Member, Message, Policy,
+    Position, PubSub, PubSubConfig, Range, RateLimit, Retention, Server, TopicConfig,
 };
 
 /// A protocol client: replies are matched by id, pushes kept in order.
@@ -26,8 +28,12 @@ struct Peer {
 
 impl Peer {
     async fn connect(server: &TestServer, path: &str) -> Peer {
+        Peer::connect_url(&server.url(path)).await
+    }
+
+    async fn connect_url(url: &str) -> Peer {
         Peer {
-            ws: server.connect(path).await,
+            ws: TestClient::connect(url).await,
             pushes: VecDeque::new(),
             next_id: 1,
         }
@@ -710,59 +716,149 @@ async fn presence_is_cleaned_up_after_a_reset() {
     server.shutdown().await;
 }
 
-/// 1,000 topics of 10 subscribers each (100 connections in 100 topics
-/// each): held while they are subscribed, every local hub and every
-/// broker topic freed once they leave.
+/// More members than a topic's presence holds: refused with `limit`.
 #[tokio::test]
-async fn a_thousand_topics_of_ten_subscribers_are_freed_when_they_leave() {
-    let broker = Arc::new(InProcess::new(10_000));
-    let pubsub = PubSub::with_broker(
-        PubSubConfig::default().max_subscriptions(100),
-        broker.clone(),
-    )
-    .unwrap();
+async fn a_full_presence_refuses_with_limit() {
+    let pubsub = PubSub::new(PubSubConfig::default().max_members(2)).unwrap();
     let server = TestServer::start(server(&pubsub)).await;
     let mut peers = Vec::new();
-    for c in 0..100 {
+    for _ in 0..2 {
         let mut peer = Peer::connect(&server, "/pubsub").await;
-        // Connection c takes topics c*10 .. c*10+100 (mod 1000): each
-        // topic gets 10 connections.
-        for k in 0..100 {
-            let topic = format!("t{}", (c * 10 + k) % 1000);
-            peer.subscribe(&topic).await;
-        }
+        peer.subscribe("small").await;
         peers.push(peer);
     }
-    assert_eq!(pubsub.topics().len(), 1000);
-    assert_eq!(pubsub.topics().get("t0").unwrap().subscriber_count(), 10);
-    assert_eq!(pubsub.presence("t999").await.unwrap().len(), 10);
-    // A message reaches exactly that topic's ten.
-    let at = pubsub
-        .publish("t500", Data::json("hi").unwrap())
-        .await
-        .unwrap();
-    assert_eq!(at.seq, 1);
-    let mut got = 0;
-    for peer in &mut peers {
-        if let Ok(Some(push)) =
-            tokio::time::timeout(Duration::from_millis(20), async { Some(peer.push().await) }).await
-        {
-            assert_eq!(push["topic"], "t500");
-            got += 1;
-        }
-    }
-    assert_eq!(got, 10);
-    for mut peer in peers {
-        peer.ws.close(None).await;
-    }
+    let mut third = Peer::connect(&server, "/pubsub").await;
+    let reply = third
+        .call(json!({"op": "subscribe", "topic": "small"}))
+        .await;
+    assert_eq!(error_code(&reply), "limit", "{reply}");
+    // Refused whole: not subscribed, so a publish does not reach it.
+    assert_eq!(third.publish("small", json!("hi")).await, 1);
+    assert!(third.pushes.is_empty());
+    assert_eq!(pubsub.topics().get("small").unwrap().subscriber_count(), 2);
+    // Once one leaves, there is room.
+    let mut gone = peers.pop().unwrap();
+    gone.ws.close(None).await;
     wait_for(
-        "every local topic to go",
-        || pubsub.topics().len(),
-        |n| *n == 0,
+        "the member to leave",
+        || {
+            pubsub
+                .topics()
+                .get("small")
+                .map(|hub| hub.subscriber_count())
+        },
+        |n| *n == Some(1),
     )
     .await;
-    // The broker keeps only t500 (its message, until the TTL); the rest
-    // went with their members.
-    wait_for("the broker to let go", || broker.topics(), |n| *n == 1).await;
+    let reply = within("presence", async {
+        loop {
+            if pubsub.presence("small").await.unwrap().len() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    reply.await;
+    third.subscribe("small").await;
     server.shutdown().await;
+}
+
+/// Over the publish rate under `Excess::Close` (the default): a `limit`
+/// reply, then Close 1008.
+#[tokio::test]
+async fn a_publisher_over_the_rate_is_told_and_then_closed() {
+    let pubsub = default_pubsub();
+    let config = Config::default().publish_rate(Some(RateLimit::new(1, 1)));
+    let server = TestServer::start(Server::new().config(config).pubsub("/pubsub", &pubsub)).await;
+    let mut peer = Peer::connect(&server, "/pubsub").await;
+    assert_eq!(peer.publish("t", json!(1)).await, 1);
+    let reply = peer
+        .call(json!({"op": "publish", "topic": "t", "data": 2}))
+        .await;
+    assert_eq!(error_code(&reply), "limit");
+    let close = peer.ws.expect_close().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), 1008);
+    assert_eq!(close.reason.as_str(), "publish rate limit exceeded");
+    server.shutdown().await;
+}
+
+const BANNER: &str = "pubsub on ws://";
+
+fn example_binary() -> std::path::PathBuf {
+    let mut features = Vec::new();
+    if cfg!(feature = "tls") {
+        features.push("tls");
+    }
+    if cfg!(feature = "axum") {
+        features.push("axum");
+    }
+    build_example("pubsub", &features)
+}
+
+/// The example on a port it is given, with its flags: replay and history
+/// as asked, presence with the name from the query.
+#[tokio::test]
+async fn the_example_serves_the_protocol_with_its_flags() {
+    let binary = tokio::task::spawn_blocking(example_binary)
+        .await
+        .expect("building the example");
+    let args = ["--history", "3", "--replay", "2", "--history-ttl", "60"];
+    let mut failures = Vec::new();
+    let (server, wanted) = loop {
+        let wanted = free_port();
+        let addr = wanted.to_string();
+        let mut all = vec!["--addr", addr.as_str()];
+        all.extend(args);
+        match ExampleProcess::start(&binary, &all, BANNER) {
+            Ok(server) => break (server, wanted),
+            Err(err) if failures.len() < 2 => failures.push(err),
+            Err(err) => panic!("the example did not start on a chosen port: {err}\n{failures:?}"),
+        }
+    };
+    assert_eq!(server.addr, wanted, "--addr was not honoured");
+    assert!(
+        server
+            .banner
+            .contains(&format!("pubsub on ws://{wanted}/pubsub")),
+        "{}",
+        server.banner
+    );
+
+    let mut ann = Peer::connect_url(&server.url("/pubsub?name=ann")).await;
+    ann.subscribe("news").await;
+    for i in 1..=5 {
+        assert_eq!(ann.publish("news", json!(i)).await, i);
+    }
+    let mut bob = Peer::connect_url(&server.url("/pubsub?name=bob")).await;
+    let reply = bob.subscribe("news").await;
+    assert_eq!(reply["seq"], 5);
+    // --replay 2: the last two first.
+    read_through(&mut bob, 3, 5).await;
+    // --history 3: the last three kept.
+    let reply = bob.call(json!({"op": "history", "topic": "news"})).await;
+    let seqs: Vec<u64> = reply["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [3, 4, 5]);
+    let reply = bob.call(json!({"op": "presence", "topic": "news"})).await;
+    let mut names: Vec<&str> = reply["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["info"]["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["ann", "bob"]);
+    // The example announces arrivals: ann hears bob join.
+    let join = loop {
+        let push = within("bob's join", ann.push()).await;
+        if push["op"] == "join" && push["info"]["name"] == "bob" {
+            break push;
+        }
+    };
+    assert_eq!(join["topic"], "news");
+    drop(server);
 }
