@@ -84,6 +84,21 @@
 //! what is waiting into one flush; and the slow-client behaviour is a stated,
 //! counted, tested choice.
 //!
+//! # Topics, history, resume and presence
+//!
+//! [`PubSub`] is a node of topics: each topic is one local [`Hub`], and
+//! everything that must agree between nodes (sequence numbers, epochs, the
+//! kept history, who is present) lives behind a [`Broker`] ([`InProcess`],
+//! the embedded one, by default). A publish gets the topic's next sequence
+//! number; a subscriber can start with the topic's last messages (replay),
+//! resume from the last position it saw (every kept message after it, then
+//! live, with no gap and no duplicate between), and sees a `gap` with the
+//! exact count of what it will never get. [`Server::pubsub`] serves the
+//! JSON protocol that browsers speak (`docs/PROTOCOL.md`). One session
+//! forwards any number of subscriptions ([`Outgoing::forward`]), taken in
+//! turn so that a busy topic never starves a quiet one, each under its own
+//! topic's policy.
+//!
 //! # Metrics and traces
 //!
 //! [`Metrics`] exports every hub's counts, the server's sessions, handshakes,
@@ -112,6 +127,11 @@
 //! * `server.rs`: [`Server`]: listener, routes, handshake hook, graceful shutdown.
 //! * `metrics.rs`: [`Metrics`], the Prometheus exposition (prometheus-client).
 //! * `topics.rs`: [`Topics`], a registry of named hubs.
+//! * `pubsub.rs`: [`PubSub`], topics with positions, history, resume and
+//!   presence, and the protocol route.
+//! * `broker.rs`: [`Broker`], where positions, history and presence live,
+//!   and [`InProcess`], the embedded broker.
+//! * `forward.rs`: what a send task forwards: many subscriptions, in turn.
 //! * `request.rs`: [`Request`], what a session knows of its upgrade request.
 //! * `axum.rs` (the `axum` feature): `wshub::axum`, sessions in an axum
 //!   router, upgraded and shut down as [`Server`] does it.
@@ -130,6 +150,7 @@
 //! | `incoming`, `outgoing`, `send`, `close(reason)`, `closeReason`, `flush()`, `terminate()`, `call` | [`Session::incoming`], [`Session::outgoing`], [`Session::send`], [`Session::close`], [`Session::close_reason`], [`Session::flush`], [`Session::terminate`], [`Session::request`] |
 //! | `sendSerialized` / `receiveDeserialized` | [`Session::send_json`] / [`Session::receive_json`] |
 //! | `MutableSharedFlow(extraBufferCapacity, onBufferOverflow)` | [`Hub::with_config`], [`HubConfig`] |
+//! | `MutableSharedFlow(replay = n)` | a [`PubSub`] topic with [`TopicConfig::replay`] |
 //! | `emit` / `tryEmit` / `collect` | [`Hub::publish`] / [`Hub::try_publish`] / [`Hub::subscribe`] |
 //! | `testApplication`, `handleWebSocketConversation` | [`testing::TestServer`], [`testing::TestClient`] |
 //!
