@@ -206,7 +206,11 @@ pub enum BrokerError {
 ///   [`Retention`] says, and delivers it to every watching node;
 /// - a [`history`](Self::history) read's `last` is such that every message
 ///   after it is delivered to a node that was watching before the read;
-/// - the epoch changes whenever the sequence starts again at 1.
+/// - the epoch changes whenever the sequence starts again at 1;
+/// - every call ends within a bound: a broker that cannot be reached
+///   answers [`BrokerError::Unavailable`] rather than hang (the node adds
+///   no timeout of its own, since dropping a publish half-way could number
+///   a message without delivering it).
 pub trait Broker: Send + Sync + 'static {
     /// Starts delivering `topic` to this node through `delivery` (replacing
     /// an earlier delivery of the topic, which is dead by then). Resolves once

@@ -126,8 +126,22 @@ impl Forwarding {
         }
     }
 
+    /// Waits for the next item (the path of a send task with one
+    /// subscription: the hub's own receive future).
+    async fn next(&mut self) -> Item {
+        if let Some(msg) = self.topic.as_mut().and_then(|t| t.backlog.pop_front()) {
+            return Item::Backlog(msg);
+        }
+        loop {
+            let result = self.sub.recv().await;
+            if let Some(item) = self.sequence(result) {
+                return item;
+            }
+        }
+    }
+
     /// Waits for the next item.
-    pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Item> {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Item> {
         if let Some(msg) = self.topic.as_mut().and_then(|t| t.backlog.pop_front()) {
             return Poll::Ready(Item::Backlog(msg));
         }
@@ -243,22 +257,36 @@ impl Drop for Forwarding {
 
 /// Every subscription a send task forwards, taken in turn: after an item
 /// from one, the next look starts at the one after it.
+///
+/// The first is kept apart from the rest, so that a session that forwards
+/// one subscription (every `join`) takes the same path as when a send task
+/// forwarded exactly one: no list, no turn to keep.
 #[derive(Default)]
 pub(crate) struct Forwards {
-    list: Vec<Forwarding>,
+    first: Option<Forwarding>,
+    more: Vec<Forwarding>,
+    /// Where the next look starts: 0 is `first`, i is `more[i - 1]`.
     next: usize,
 }
 
 impl Forwards {
     pub(crate) fn add(&mut self, new: NewForward) {
-        self.list.push(Forwarding::new(new));
+        let fwd = Forwarding::new(new);
+        match self.first {
+            None => self.first = Some(fwd),
+            Some(_) => self.more.push(fwd),
+        }
     }
 
     /// Stops forwarding `key`; false if it was not forwarded.
     pub(crate) fn remove(&mut self, key: ForwardKey) -> bool {
-        match self.list.iter().position(|fwd| fwd.key == key) {
+        if self.first.as_ref().is_some_and(|fwd| fwd.key == key) {
+            self.first = self.more.pop();
+            return true;
+        }
+        match self.more.iter().position(|fwd| fwd.key == key) {
             Some(at) => {
-                self.list.swap_remove(at);
+                self.more.swap_remove(at);
                 true
             }
             None => false,
@@ -266,59 +294,93 @@ impl Forwards {
     }
 
     pub(crate) fn clear(&mut self) {
-        self.list.clear();
+        self.first = None;
+        self.more.clear();
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.more.len()
     }
 
     pub(crate) fn get(&mut self, at: usize) -> Option<&mut Forwarding> {
-        self.list.get_mut(at)
+        match at {
+            0 => self.first.as_mut(),
+            at => self.more.get_mut(at - 1),
+        }
     }
 
-    pub(crate) fn iter_mut(&mut self) -> std::slice::IterMut<'_, Forwarding> {
-        self.list.iter_mut()
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut Forwarding> {
+        self.first.iter_mut().chain(self.more.iter_mut())
     }
 
     /// Takes every subscription out (to drain them at a close).
     pub(crate) fn take(&mut self) -> Vec<Forwarding> {
-        std::mem::take(&mut self.list)
+        let mut all = std::mem::take(&mut self.more);
+        all.extend(self.first.take());
+        all
     }
 
     /// The next item that is ready now, and whose it is.
     pub(crate) fn try_next(&mut self) -> Option<(usize, Item)> {
-        let len = self.list.len();
-        for k in 0..len {
-            let at = (self.next + k) % len;
-            if let Some(item) = self.list[at].try_next() {
+        if self.more.is_empty() {
+            return Some((0, self.first.as_mut()?.try_next()?));
+        }
+        let len = self.len();
+        let mut at = self.next;
+        for _ in 0..len {
+            if at >= len {
+                at = 0;
+            }
+            if let Some(item) = self.get(at).and_then(Forwarding::try_next) {
                 self.next = at + 1;
                 return Some((at, item));
             }
+            at += 1;
         }
         None
     }
 
     /// Waits for the next item of any subscription (for ever if none).
-    pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<(usize, Item)> {
-        let len = self.list.len();
-        for k in 0..len {
-            let at = (self.next + k) % len;
-            if let Poll::Ready(item) = self.list[at].poll_next(cx) {
-                self.next = at + 1;
-                return Poll::Ready((at, item));
+    pub(crate) async fn next(&mut self) -> (usize, Item) {
+        if self.more.is_empty() {
+            return match self.first.as_mut() {
+                Some(fwd) => (0, fwd.next().await),
+                None => std::future::pending().await,
+            };
+        }
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<(usize, Item)> {
+        let len = self.len();
+        let mut at = self.next;
+        for _ in 0..len {
+            if at >= len {
+                at = 0;
             }
+            if let Some(fwd) = self.get(at) {
+                if let Poll::Ready(item) = fwd.poll_next(cx) {
+                    self.next = at + 1;
+                    return Poll::Ready((at, item));
+                }
+            }
+            at += 1;
         }
         Poll::Pending
     }
 
     /// Whether any subscription has kept its `Suspend` hub full too long.
     pub(crate) fn stalled(&mut self) -> bool {
+        if self.more.is_empty() {
+            return self.first.as_mut().is_some_and(Forwarding::stalled);
+        }
         // Every one is looked at: each keeps its own clock.
-        self.list
-            .iter_mut()
-            .fold(false, |any, fwd| fwd.stalled() | any)
+        self.iter_mut().fold(false, |any, fwd| fwd.stalled() | any)
     }
 
     /// Notes a write that waits; how often to look at [`stalled`](Self::stalled).
     pub(crate) fn waiting(&mut self) -> Option<Duration> {
-        self.list.iter_mut().filter_map(Forwarding::waiting).min()
+        self.iter_mut().filter_map(Forwarding::waiting).min()
     }
 }
 

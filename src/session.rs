@@ -1418,7 +1418,7 @@ impl SendTask {
                         return stop;
                     }
                 }
-                item = poll_fn(|cx| self.subs.poll_next(cx)) => {
+                item = self.subs.next() => {
                     if let Err(stop) = Box::pin(self.batch(None, Some(item))).await {
                         return stop;
                     }
