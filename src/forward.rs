@@ -264,8 +264,15 @@ impl Drop for Forwarding {
 #[derive(Default)]
 pub(crate) struct Forwards {
     first: Option<Forwarding>,
-    more: Vec<Forwarding>,
-    /// Where the next look starts: 0 is `first`, i is `more[i - 1]`.
+    /// Boxed: most sessions forward one subscription, and every one holds
+    /// a send task for as long as it lives.
+    more: Option<Box<More>>,
+}
+
+#[derive(Default)]
+struct More {
+    list: Vec<Forwarding>,
+    /// Where the next look starts: 0 is `first`, i is `list[i - 1]`.
     next: usize,
 }
 
@@ -274,19 +281,26 @@ impl Forwards {
         let fwd = Forwarding::new(new);
         match self.first {
             None => self.first = Some(fwd),
-            Some(_) => self.more.push(fwd),
+            Some(_) => self.more.get_or_insert_default().list.push(fwd),
         }
+    }
+
+    fn single(&self) -> bool {
+        self.more.as_ref().is_none_or(|more| more.list.is_empty())
     }
 
     /// Stops forwarding `key`; false if it was not forwarded.
     pub(crate) fn remove(&mut self, key: ForwardKey) -> bool {
         if self.first.as_ref().is_some_and(|fwd| fwd.key == key) {
-            self.first = self.more.pop();
+            self.first = self.more.as_mut().and_then(|more| more.list.pop());
             return true;
         }
-        match self.more.iter().position(|fwd| fwd.key == key) {
+        let Some(more) = self.more.as_mut() else {
+            return false;
+        };
+        match more.list.iter().position(|fwd| fwd.key == key) {
             Some(at) => {
-                self.more.swap_remove(at);
+                more.list.swap_remove(at);
                 true
             }
             None => false,
@@ -295,44 +309,55 @@ impl Forwards {
 
     pub(crate) fn clear(&mut self) {
         self.first = None;
-        self.more.clear();
+        self.more = None;
     }
 
     fn len(&self) -> usize {
-        usize::from(self.first.is_some()) + self.more.len()
+        usize::from(self.first.is_some()) + self.more.as_ref().map_or(0, |more| more.list.len())
     }
 
     pub(crate) fn get(&mut self, at: usize) -> Option<&mut Forwarding> {
         match at {
             0 => self.first.as_mut(),
-            at => self.more.get_mut(at - 1),
+            at => self.more.as_mut()?.list.get_mut(at - 1),
         }
     }
 
     pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut Forwarding> {
-        self.first.iter_mut().chain(self.more.iter_mut())
+        let more = self.more.as_mut().map(|more| more.list.iter_mut());
+        self.first.iter_mut().chain(more.into_iter().flatten())
     }
 
     /// Takes every subscription out (to drain them at a close).
     pub(crate) fn take(&mut self) -> Vec<Forwarding> {
-        let mut all = std::mem::take(&mut self.more);
+        let mut all = self.more.take().map(|more| more.list).unwrap_or_default();
         all.extend(self.first.take());
         all
     }
 
+    fn turn(&self) -> usize {
+        self.more.as_ref().map_or(0, |more| more.next)
+    }
+
+    fn took(&mut self, at: usize) {
+        if let Some(more) = self.more.as_mut() {
+            more.next = at + 1;
+        }
+    }
+
     /// The next item that is ready now, and whose it is.
     pub(crate) fn try_next(&mut self) -> Option<(usize, Item)> {
-        if self.more.is_empty() {
+        if self.single() {
             return Some((0, self.first.as_mut()?.try_next()?));
         }
         let len = self.len();
-        let mut at = self.next;
+        let mut at = self.turn();
         for _ in 0..len {
             if at >= len {
                 at = 0;
             }
             if let Some(item) = self.get(at).and_then(Forwarding::try_next) {
-                self.next = at + 1;
+                self.took(at);
                 return Some((at, item));
             }
             at += 1;
@@ -342,7 +367,7 @@ impl Forwards {
 
     /// Waits for the next item of any subscription (for ever if none).
     pub(crate) async fn next(&mut self) -> (usize, Item) {
-        if self.more.is_empty() {
+        if self.single() {
             return match self.first.as_mut() {
                 Some(fwd) => (0, fwd.next().await),
                 None => std::future::pending().await,
@@ -353,14 +378,14 @@ impl Forwards {
 
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<(usize, Item)> {
         let len = self.len();
-        let mut at = self.next;
+        let mut at = self.turn();
         for _ in 0..len {
             if at >= len {
                 at = 0;
             }
             if let Some(fwd) = self.get(at) {
                 if let Poll::Ready(item) = fwd.poll_next(cx) {
-                    self.next = at + 1;
+                    self.took(at);
                     return Poll::Ready((at, item));
                 }
             }
@@ -371,7 +396,7 @@ impl Forwards {
 
     /// Whether any subscription has kept its `Suspend` hub full too long.
     pub(crate) fn stalled(&mut self) -> bool {
-        if self.more.is_empty() {
+        if self.single() {
             return self.first.as_mut().is_some_and(Forwarding::stalled);
         }
         // Every one is looked at: each keeps its own clock.
