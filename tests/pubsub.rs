@@ -111,7 +111,13 @@ fn error_code(reply: &Value) -> &str {
 }
 
 fn server(pubsub: &PubSub) -> Server {
-    Server::new().pubsub("/pubsub", pubsub)
+    Server::new().config(quick()).pubsub("/pubsub", pubsub)
+}
+
+/// Test clients do not answer the server's Close at shutdown: do not wait
+/// long for them.
+fn quick() -> Config {
+    Config::default().close_timeout(Duration::from_millis(200))
 }
 
 fn default_pubsub() -> PubSub {
@@ -768,7 +774,7 @@ async fn a_full_presence_refuses_with_limit() {
 #[tokio::test]
 async fn a_publisher_over_the_rate_is_told_and_then_closed() {
     let pubsub = default_pubsub();
-    let config = Config::default().publish_rate(Some(RateLimit::new(1, 1)));
+    let config = quick().publish_rate(Some(RateLimit::new(1, 1)));
     let server = TestServer::start(Server::new().config(config).pubsub("/pubsub", &pubsub)).await;
     let mut peer = Peer::connect(&server, "/pubsub").await;
     assert_eq!(peer.publish("t", json!(1)).await, 1);
