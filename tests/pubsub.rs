@@ -352,8 +352,7 @@ async fn the_authorization_hooks_see_the_client_and_the_topic() {
 #[tokio::test]
 async fn limits_get_limit_and_the_connection_stays_usable() {
     let pubsub = PubSub::new(PubSubConfig::default().max_subscriptions(2).max_topics(3)).unwrap();
-    let config =
-        Config::default().publish_rate(Some(RateLimit::new(1, 2).on_excess(wshub::Excess::Drop)));
+    let config = quick().publish_rate(Some(RateLimit::new(1, 2).on_excess(wshub::Excess::Drop)));
     let server = TestServer::start(Server::new().config(config).pubsub("/pubsub", &pubsub)).await;
     let mut peer = Peer::connect(&server, "/pubsub").await;
     peer.subscribe("a").await;
