@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use futures_util::stream::SplitSink;
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, Stream, StreamExt};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -26,11 +26,15 @@ const SLOW_RCVBUF: u32 = 4096;
 /// Latencies are recorded in microseconds up to one minute.
 const MAX_LATENCY_US: u64 = 60_000_000;
 
-type Ws = WebSocketStream<TcpStream>;
-type Sink = SplitSink<Ws, Message>;
+/// One client connection.
+pub type Ws = WebSocketStream<TcpStream>;
+/// Its write half.
+pub type Sink = SplitSink<Ws, Message>;
+/// Its read half.
+pub type Source = SplitStream<Ws>;
 
 /// Nanoseconds since the generator started; the clock payloads carry.
-fn now_ns() -> u64 {
+pub fn now_ns() -> u64 {
     static BASE: OnceLock<Instant> = OnceLock::new();
     BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
@@ -57,7 +61,8 @@ pub struct Counters {
 }
 
 impl Counters {
-    fn new() -> Self {
+    /// Everything at zero.
+    pub fn new() -> Self {
         Counters {
             delivered: AtomicU64::new(0),
             sent: AtomicU64::new(0),
@@ -83,11 +88,13 @@ impl Counters {
         self.closed.lock().unwrap().clone()
     }
 
-    fn record_closed(&self, why: String) {
+    /// Counts a client the server closed (or that lost its connection).
+    pub fn record_closed(&self, why: String) {
         *self.closed.lock().unwrap().entry(why).or_default() += 1;
     }
 
-    fn record_latencies(&self, batch: &mut Vec<u64>) {
+    /// Moves a batch of latencies (µs) into the histogram.
+    pub fn record_latencies(&self, batch: &mut Vec<u64>) {
         let mut hist = self.latency.lock().unwrap();
         for &us in batch.iter() {
             hist.saturating_record(us.clamp(1, MAX_LATENCY_US));
@@ -140,10 +147,7 @@ pub async fn connect(
     let slow = slow.min(others);
     let is_slow =
         move |i: usize| slow > 0 && i >= publishers && (i - publishers) * slow % others < slow;
-    // Each fleet takes fresh source addresses (127.N.0.x), so the ports a
-    // previous run left in TIME_WAIT never collide with this run's.
-    static FLEETS: AtomicU64 = AtomicU64::new(0);
-    let fleet_no = 1 + (FLEETS.fetch_add(1, Ordering::Relaxed) % 250) as u8;
+    let fleet_no = fleet_number();
     let started = Instant::now();
     let mut handshakes = JoinSet::new();
     for i in 0..clients {
@@ -153,7 +157,7 @@ pub async fn connect(
             .await
             .expect("semaphore open");
         let url = url.clone();
-        let source = Ipv4Addr::new(127, fleet_no, 0, 1 + (i / PER_SOURCE) as u8);
+        let source = source_addr(fleet_no, i);
         let rcvbuf = is_slow(i).then_some(SLOW_RCVBUF);
         handshakes.spawn(async move {
             let result =
@@ -211,7 +215,22 @@ pub async fn connect(
     fleet
 }
 
-async fn open(
+/// A fresh `N` for source addresses `127.N.0.x`: each fleet takes its own,
+/// so the ports a previous run left in TIME_WAIT never collide with this
+/// run's.
+pub fn fleet_number() -> u8 {
+    static FLEETS: AtomicU64 = AtomicU64::new(0);
+    1 + (FLEETS.fetch_add(1, Ordering::Relaxed) % 250) as u8
+}
+
+/// The source address of client `i` of fleet `fleet_no`.
+pub fn source_addr(fleet_no: u8, i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, fleet_no, 0, 1 + (i / PER_SOURCE) as u8)
+}
+
+/// Connects from `source` (with a small receive buffer if `rcvbuf`) and
+/// makes the WebSocket handshake for `url`.
+pub async fn open(
     addr: SocketAddr,
     url: &str,
     source: Ipv4Addr,

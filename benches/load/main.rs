@@ -1,10 +1,14 @@
 //! The many-client load benchmark: wshub against two baseline patterns, same
-//! load, same run.
+//! load, same run; and wshub's pub/sub protocol (`PubSub`) with many topics
+//! and with a storm of clients resuming at once.
 //!
 //! ```text
 //! cargo bench --bench load -- fanout-1k            # one scenario, every server
-//! cargo bench --bench load -- all --runs 3         # every scenario, medians of 3
+//! cargo bench --bench load -- all --runs 3         # the six broadcast scenarios, medians of 3
 //! cargo bench --bench load -- sweep --runs 3       # p99 and CPU vs clients, SVG plot
+//! cargo bench --bench load -- fanout-1k topics-1k resume-storm --runs 3
+//!                                                  # pub/sub next to plain broadcast
+//! cargo bench --bench load -- pubsub-smoke         # CI: exits 1 unless delivery is exact
 //! cargo bench --bench load -- fanout-1k --url ws://127.0.0.1:8080/ws --server-pid 1234
 //! cargo bench --bench load -- --help
 //! ```
@@ -12,9 +16,31 @@
 //! Each server runs in a child process (so its CPU time and memory are its
 //! own); the clients run here. Results go to stdout as a table and to
 //! `target/load/<scenario>.json`. See docs/BENCHMARKS.md.
+//!
+//! The broadcast scenarios (`fanout-*`, `chat-1k`, `idle-max`,
+//! `slow-client`, `sweep`, `smoke`) load servers that relay every text
+//! message to every client. The pub/sub scenarios speak the protocol of
+//! docs/PROTOCOL.md to the `wshub-pubsub` server (`PubSub` on `/pubsub`),
+//! see `pubsub.rs`:
+//!
+//! - `topics-1k`: 1,000 topics, 1,000 connections each subscribed to 10
+//!   (`(c·10 + k) mod 1000`: 10 subscribers per topic, 10,000
+//!   subscriptions), 4 publisher connections publishing on every topic once
+//!   a second, 64 B `data`, 10 s. Also the server's memory per extra
+//!   subscription: RSS after one subscription per connection (every topic
+//!   created) and after all ten, the difference over 9 × connections. When
+//!   `fanout-1k` runs in the same invocation, a side-by-side comparison
+//!   follows (and `target/load/topics-1k-vs-fanout-1k.json`).
+//! - `resume-storm`: 1,000 connections on one topic (history 100) get 10
+//!   live messages, drop their connections at once, 50 messages are
+//!   published, all 1,000 reconnect at once and subscribe with `since`.
+//!   Reports the time until every client has all 50 (exactly once, in
+//!   order, `recovered: true`), the server's CPU and RSS for that phase.
+//! - `pubsub-smoke`: both, with 40 clients for about 2 s each.
 
 mod client;
 mod plot;
+mod pubsub;
 mod servers;
 mod sys;
 
@@ -41,11 +67,17 @@ const FD_RESERVE: u64 = 64;
 #[command(about)]
 struct Args {
     /// Scenarios to run: fanout-1k, fanout-high, fanout-10k, chat-1k,
-    /// idle-max, slow-client, sweep, smoke, or all (the first six).
+    /// idle-max, slow-client, sweep, smoke, or all (the first six); and the
+    /// pub/sub ones: topics-1k (1,000 topics × 10 subscribers, 1 msg/s
+    /// each), resume-storm (1,000 clients drop, miss 50 messages and
+    /// resume at once) and pubsub-smoke (both, small; exits 1 unless
+    /// delivery is exact).
     #[arg(default_value = "fanout-1k")]
     scenarios: Vec<String>,
-    /// Servers to measure, comma-separated: wshub, wshub:<policy>, ktor,
-    /// axum. Default: the scenario's own list.
+    /// Servers to measure, comma-separated: wshub, wshub:<policy>,
+    /// wshub+metrics, ktor, axum, and wshub-pubsub (the pub/sub
+    /// scenarios'). Each scenario runs those of the list that speak its
+    /// protocol. Default: the scenario's own list.
     #[arg(long, value_delimiter = ',')]
     servers: Vec<Kind>,
     /// Measure a server already running at this ws:// URL (loopback only)
@@ -58,21 +90,33 @@ struct Args {
     /// Runs per server; the summary shows medians.
     #[arg(long, default_value_t = 1)]
     runs: usize,
-    /// Override the scenario's number of clients.
+    /// Override the scenario's number of clients (pub/sub: subscriber
+    /// connections; topics-1k then scales its topics alike, keeping 10
+    /// subscribers a topic, unless --topics says otherwise).
     #[arg(long)]
     clients: Option<usize>,
-    /// Override the scenario's number of publishers.
+    /// Override the scenario's number of publishers (pub/sub: publisher
+    /// connections, which subscribe to nothing).
     #[arg(long)]
     publishers: Option<usize>,
-    /// Override the messages per second each publisher sends.
+    /// Override the messages per second each publisher sends (topics-1k:
+    /// per topic; resume-storm: of the live phase).
     #[arg(long)]
     rate: Option<f64>,
     /// Override how long publishers publish, in seconds.
     #[arg(long)]
     duration: Option<f64>,
-    /// Override the payload size in bytes (at least 40).
+    /// Override the payload size in bytes (at least 40; pub/sub: of each
+    /// message's `data` JSON).
     #[arg(long)]
     payload: Option<usize>,
+    /// Override the number of topics (topics-1k, pubsub-smoke).
+    #[arg(long)]
+    topics: Option<usize>,
+    /// Override the messages published while the clients are away
+    /// (resume-storm, pubsub-smoke).
+    #[arg(long)]
+    missed: Option<u64>,
     /// Handshakes in flight at once.
     #[arg(long, default_value_t = 200)]
     concurrency: usize,
@@ -90,7 +134,8 @@ struct Scenario {
     name: String,
     clients: usize,
     publishers: usize,
-    /// Messages per second per publisher.
+    /// Messages per second per publisher (topics: per topic; resume: of
+    /// the live phase).
     rate: f64,
     /// Seconds of publishing.
     duration: f64,
@@ -99,16 +144,67 @@ struct Scenario {
     slow: usize,
     /// One broadcast after connecting, timed until every client has it.
     single_broadcast: bool,
+    /// What the clients do.
+    mode: Mode,
     #[serde(skip)]
     variants: Vec<Variant>,
 }
 
-/// A server under a scenario, possibly with its own number of slow clients.
+/// How a scenario loads its server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+enum Mode {
+    /// Every client gets every message a publisher sends (a relay server).
+    Fanout,
+    /// Pub/sub: `topics` topics, each subscriber connection in `per_client`
+    /// of them, dedicated publisher connections.
+    Topics { topics: usize, per_client: usize },
+    /// Pub/sub: one topic; everyone drops, `missed` messages are
+    /// published, everyone resumes with `since` at once.
+    Resume { missed: u64 },
+}
+
+impl Mode {
+    fn is_pubsub(self) -> bool {
+        self != Mode::Fanout
+    }
+}
+
+impl Scenario {
+    fn describe(&self) -> String {
+        match self.mode {
+            Mode::Fanout => format!(
+                "{} clients ({} slow), {} publisher(s) × {} msg/s × {} s, {} B",
+                self.clients, self.slow, self.publishers, self.rate, self.duration, self.payload
+            ),
+            Mode::Topics { topics, per_client } => format!(
+                "{} connections × {per_client} topics of {topics} ({} subscriptions), \
+                 {} publisher connection(s), each topic {} msg/s × {} s, {} B data",
+                self.clients,
+                self.clients * per_client,
+                self.publishers,
+                self.rate,
+                self.duration,
+                self.payload
+            ),
+            Mode::Resume { missed } => format!(
+                "{} clients on one topic, {} live msg, drop, {missed} missed, resume at once, {} B data",
+                self.clients,
+                (self.rate * self.duration).round(),
+                self.payload
+            ),
+        }
+    }
+}
+
+/// A server under a scenario, possibly with its own number of slow clients
+/// or its own mode.
 #[derive(Debug, Clone)]
 struct Variant {
     label: String,
     kind: Kind,
     slow: Option<usize>,
+    mode: Option<Mode>,
 }
 
 fn variant(kind: Kind) -> Variant {
@@ -116,6 +212,7 @@ fn variant(kind: Kind) -> Variant {
         label: kind.to_string(),
         kind,
         slow: None,
+        mode: None,
     }
 }
 
@@ -136,7 +233,18 @@ fn fanout(name: &str, clients: usize, publishers: usize, rate: f64) -> Scenario 
         payload: 64,
         slow: 0,
         single_broadcast: false,
+        mode: Mode::Fanout,
         variants: baselines(),
+    }
+}
+
+/// The pub/sub scenarios' shape: `clients` subscriber connections and
+/// `publishers` publisher connections on the `wshub-pubsub` server.
+fn pubsub_scenario(name: &str, clients: usize, publishers: usize, mode: Mode) -> Scenario {
+    Scenario {
+        mode,
+        variants: vec![variant(Kind::WshubPubSub)],
+        ..fanout(name, clients, publishers, 1.0)
     }
 }
 
@@ -159,6 +267,7 @@ fn scenario(name: &str, file_limit: u64) -> Result<Vec<Scenario>, String> {
                 label: "wshub (no slow clients)".to_string(),
                 kind: Kind::Wshub(Policy::DropOldest),
                 slow: Some(0),
+                mode: None,
             }];
             for policy in [
                 Policy::Suspend,
@@ -171,6 +280,7 @@ fn scenario(name: &str, file_limit: u64) -> Result<Vec<Scenario>, String> {
                     label: format!("wshub:{policy}"),
                     kind,
                     slow: None,
+                    mode: None,
                 });
             }
             variants.push(variant(Kind::Ktor));
@@ -194,6 +304,49 @@ fn scenario(name: &str, file_limit: u64) -> Result<Vec<Scenario>, String> {
             duration: 2.0,
             ..fanout(name, 50, 2, 50.0)
         }],
+        // 1,000 connections × 10 topics of 1,000: 10 subscribers a topic;
+        // 4 publishers × 250 topics, each topic once a second.
+        "topics-1k" => vec![pubsub_scenario(
+            name,
+            1000,
+            4,
+            Mode::Topics {
+                topics: 1000,
+                per_client: 10,
+            },
+        )],
+        // 10 live messages (10 msg/s × 1 s) give every client a position.
+        "resume-storm" => vec![Scenario {
+            rate: 10.0,
+            duration: 1.0,
+            ..pubsub_scenario(name, 1000, 1, Mode::Resume { missed: 50 })
+        }],
+        // Both paths, small: 40 connections × 10 of 40 topics at 5 msg/s
+        // for 2 s; 40 clients resuming 20 missed messages.
+        "pubsub-smoke" => vec![Scenario {
+            rate: 5.0,
+            duration: 2.0,
+            variants: vec![
+                Variant {
+                    label: "wshub-pubsub topics".to_string(),
+                    ..variant(Kind::WshubPubSub)
+                },
+                Variant {
+                    label: "wshub-pubsub resume".to_string(),
+                    mode: Some(Mode::Resume { missed: 20 }),
+                    ..variant(Kind::WshubPubSub)
+                },
+            ],
+            ..pubsub_scenario(
+                name,
+                40,
+                2,
+                Mode::Topics {
+                    topics: 40,
+                    per_client: 10,
+                },
+            )
+        }],
         "all" => {
             let mut all = Vec::new();
             for name in [
@@ -211,7 +364,7 @@ fn scenario(name: &str, file_limit: u64) -> Result<Vec<Scenario>, String> {
         _ => {
             return Err(format!(
                 "unknown scenario {name:?}: expected fanout-1k, fanout-high, fanout-10k, chat-1k, \
-                 idle-max, slow-client, sweep, smoke or all"
+                 idle-max, slow-client, sweep, smoke, all, topics-1k, resume-storm or pubsub-smoke"
             ));
         }
     })
@@ -237,6 +390,7 @@ enum Target {
         stdin: ChildStdin,
         stdout: BufReader<ChildStdout>,
         addr: SocketAddr,
+        path: &'static str,
     },
     External {
         addr: SocketAddr,
@@ -272,6 +426,7 @@ impl Target {
             stdin,
             stdout,
             addr,
+            path: kind.path(),
         })
     }
 
@@ -304,7 +459,7 @@ impl Target {
 
     fn path(&self) -> &str {
         match self {
-            Target::Child { .. } => "/ws",
+            Target::Child { path, .. } => path,
             Target::External { path, .. } => path,
         }
     }
@@ -358,7 +513,7 @@ impl Drop for Target {
 }
 
 /// Everything one run measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 struct RunResult {
     scenario: String,
     server: String,
@@ -387,6 +542,8 @@ struct RunResult {
     cpu_us_per_delivery: Option<f64>,
     /// The user-space part of `cpu_us_per_delivery`.
     user_us_per_delivery: Option<f64>,
+    /// The kernel's part of `cpu_us_per_delivery`.
+    sys_us_per_delivery: Option<f64>,
     server_rss_start_kib: Option<u64>,
     server_rss_connected_kib: Option<u64>,
     server_rss_end_kib: Option<u64>,
@@ -394,9 +551,52 @@ struct RunResult {
     server_connections: Option<u64>,
     /// The server's own counters at the end (wshub: what its policy did).
     server_counters: BTreeMap<String, u64>,
+    /// Every expected message delivered once, in order, and nothing else
+    /// (pub/sub: no refusal, no `gap`, every client caught up).
+    exact: bool,
+    /// What only the pub/sub scenarios measure. In `resume-storm` the CPU
+    /// per delivery is the storm's: server CPU from the first reconnect
+    /// until every client caught up, over the missed messages delivered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pubsub: Option<pubsub::PubSubFigures>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize)]
+impl RunResult {
+    /// Server CPU between `a` and `b`, in all and per delivery.
+    fn set_cpu_for(&mut self, a: &ServerStats, b: &ServerStats, deliveries: u64) {
+        let cpu_secs = match (a.cpu_us, b.cpu_us) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / 1e6),
+            _ => None,
+        };
+        let per = |us: f64| (deliveries > 0).then(|| us / deliveries as f64);
+        self.server_cpu_secs = cpu_secs;
+        self.cpu_us_per_delivery = cpu_secs.and_then(|s| per(s * 1e6));
+        let user_us = match (a.user_us, b.user_us) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64),
+            _ => None,
+        };
+        self.user_us_per_delivery = user_us.and_then(per);
+        self.sys_us_per_delivery = match (cpu_secs, user_us) {
+            (Some(all), Some(user)) => per((all * 1e6 - user).max(0.0)),
+            _ => None,
+        };
+    }
+
+    /// Server RSS before and after the clients connected, per connection.
+    fn set_rss(&mut self, start: &ServerStats, connected: &ServerStats, connections: usize) {
+        self.server_rss_start_kib = start.rss_kib;
+        self.server_rss_connected_kib = connected.rss_kib;
+        self.kib_per_connection = match (start.rss_kib, connected.rss_kib) {
+            (Some(a), Some(b)) if connections > 0 => {
+                Some(b.saturating_sub(a) as f64 / connections as f64)
+            }
+            _ => None,
+        };
+        self.server_connections = connected.connections;
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
 struct Latency {
     p50: f64,
     p90: f64,
@@ -405,16 +605,62 @@ struct Latency {
     max: f64,
 }
 
+impl Latency {
+    /// Percentiles (ms) of a histogram of µs.
+    fn of(hist: &hdrhistogram::Histogram<u64>) -> Latency {
+        let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+        Latency {
+            p50: ms(0.50),
+            p90: ms(0.90),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: hist.max() as f64 / 1000.0,
+        }
+    }
+}
+
 async fn run_once(
     scenario: &Scenario,
     variant: &Variant,
     run: usize,
     args: &Args,
 ) -> Result<RunResult, String> {
+    let mode = variant.mode.unwrap_or(scenario.mode);
+    if args.url.is_none() && mode.is_pubsub() != variant.kind.is_pubsub() {
+        return Err(format!(
+            "{} does not speak {}'s protocol",
+            variant.kind, scenario.name
+        ));
+    }
     let mut target = match &args.url {
         Some(url) => Target::external(url, args.server_pid)?,
         None => Target::start(variant.kind)?,
     };
+    match mode {
+        Mode::Fanout => {}
+        Mode::Topics { topics, per_client } => {
+            return pubsub::run_topics(
+                &mut target,
+                scenario,
+                variant,
+                run,
+                args.concurrency,
+                (topics, per_client),
+            )
+            .await;
+        }
+        Mode::Resume { missed } => {
+            return pubsub::run_resume(
+                &mut target,
+                scenario,
+                variant,
+                run,
+                args.concurrency,
+                missed,
+            )
+            .await;
+        }
+    }
     let slow = variant.slow.unwrap_or(scenario.slow);
     let start = target.stats();
     let mut fleet = client::connect(
@@ -477,17 +723,9 @@ async fn run_once(
     let sent = counters.sent.load(Ordering::Relaxed);
     let delivered = counters.delivered.load(Ordering::Relaxed);
     let expected = sent * receivers;
-    let hist = counters.latency();
-    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
-    let cpu_secs = match (connected.cpu_us, end.cpu_us) {
-        (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / 1e6),
-        _ => None,
-    };
-    let per_conn = match (start.rss_kib, connected.rss_kib) {
-        (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / connected_n as f64),
-        _ => None,
-    };
-    Ok(RunResult {
+    let gaps = counters.gaps.load(Ordering::Relaxed);
+    let reorders = counters.reorders.load(Ordering::Relaxed);
+    let mut result = RunResult {
         scenario: scenario.name.clone(),
         server: variant.label.clone(),
         run,
@@ -510,34 +748,19 @@ async fn run_once(
         },
         deliveries_per_sec: delivered as f64 / publish_secs.max(1e-3),
         publish_secs,
-        latency_ms: Latency {
-            p50: ms(0.50),
-            p90: ms(0.90),
-            p99: ms(0.99),
-            p999: ms(0.999),
-            max: hist.max() as f64 / 1000.0,
-        },
-        gaps: counters.gaps.load(Ordering::Relaxed),
-        reorders: counters.reorders.load(Ordering::Relaxed),
+        latency_ms: Latency::of(&counters.latency()),
+        gaps,
+        reorders,
         other_messages: counters.other.load(Ordering::Relaxed),
         closed_by_server: counters.closed(),
-        server_cpu_secs: cpu_secs,
-        cpu_us_per_delivery: cpu_secs
-            .filter(|_| delivered > 0)
-            .map(|s| s * 1e6 / delivered as f64),
-        user_us_per_delivery: match (connected.user_us, end.user_us) {
-            (Some(a), Some(b)) if delivered > 0 => {
-                Some(b.saturating_sub(a) as f64 / delivered as f64)
-            }
-            _ => None,
-        },
-        server_rss_start_kib: start.rss_kib,
-        server_rss_connected_kib: connected.rss_kib,
         server_rss_end_kib: end.rss_kib,
-        kib_per_connection: per_conn,
-        server_connections: connected.connections,
-        server_counters: end.counters,
-    })
+        exact: expected > 0 && delivered == expected && gaps == 0 && reorders == 0,
+        ..RunResult::default()
+    };
+    result.set_cpu_for(&connected, &end, delivered);
+    result.set_rss(&start, &connected, connected_n);
+    result.server_counters = end.counters;
+    Ok(result)
 }
 
 /// Medians of one server's runs in one scenario.
@@ -558,12 +781,18 @@ struct Summary {
     server_cpu_secs: Option<f64>,
     cpu_us_per_delivery: Option<f64>,
     user_us_per_delivery: Option<f64>,
+    sys_us_per_delivery: Option<f64>,
     server_rss_connected_mib: Option<f64>,
     server_rss_end_mib: Option<f64>,
     kib_per_connection: Option<f64>,
     closed_by_server: u64,
+    /// Runs whose delivery was exact.
+    exact_runs: usize,
     /// Medians of the server's own counters (wshub: what its policy did).
     server_counters: BTreeMap<String, f64>,
+    /// Medians of the pub/sub figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pubsub: Option<pubsub::PubSubSummary>,
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -614,6 +843,7 @@ fn summarize(results: &[RunResult]) -> Vec<Summary> {
                 server_cpu_secs: opt(&|r| r.server_cpu_secs),
                 cpu_us_per_delivery: opt(&|r| r.cpu_us_per_delivery),
                 user_us_per_delivery: opt(&|r| r.user_us_per_delivery),
+                sys_us_per_delivery: opt(&|r| r.sys_us_per_delivery),
                 server_rss_connected_mib: opt(&|r| {
                     r.server_rss_connected_kib.map(|k| k as f64 / 1024.0)
                 }),
@@ -624,6 +854,8 @@ fn summarize(results: &[RunResult]) -> Vec<Summary> {
                     .map(|r| r.closed_by_server.values().sum::<u64>())
                     .max()
                     .unwrap_or(0),
+                exact_runs: runs.iter().filter(|r| r.exact).count(),
+                pubsub: pubsub::summarize(&runs),
                 server_counters: runs
                     .iter()
                     .flat_map(|r| r.server_counters.keys())
@@ -652,7 +884,7 @@ fn fmt_opt(v: Option<f64>, digits: usize) -> String {
 
 fn print_table(summaries: &[Summary]) {
     println!(
-        "{:<24} {:>4} {:>6} {:>5} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>6}",
+        "{:<24} {:>4} {:>6} {:>5} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
         "server",
         "runs",
         "conn",
@@ -667,13 +899,15 @@ fn print_table(summaries: &[Summary]) {
         "cpu s",
         "µs/deliv",
         "user µs",
+        "sys µs",
         "RSS MiB",
         "KiB/conn",
-        "closed"
+        "closed",
+        "exact"
     );
     for s in summaries {
         println!(
-            "{:<24} {:>4} {:>6} {:>5} {:>7.4} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>8} {:>8} {:>8} {:>8} {:>6}",
+            "{:<24} {:>4} {:>6} {:>5} {:>7.4} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
             s.server,
             s.runs,
             s.connected,
@@ -688,19 +922,26 @@ fn print_table(summaries: &[Summary]) {
             fmt_opt(s.server_cpu_secs, 2),
             fmt_opt(s.cpu_us_per_delivery, 2),
             fmt_opt(s.user_us_per_delivery, 2),
+            fmt_opt(s.sys_us_per_delivery, 2),
             fmt_opt(s.server_rss_connected_mib, 1),
             fmt_opt(s.kib_per_connection, 2),
             s.closed_by_server,
+            format!("{}/{}", s.exact_runs, s.runs),
         );
+    }
+    for s in summaries {
+        if let Some(figures) = &s.pubsub {
+            pubsub::print_summary(&s.server, figures);
+        }
     }
     for s in summaries {
         let acted: Vec<String> = ["dropped", "evicted", "lagged", "disconnected"]
             .iter()
             .filter_map(|k| s.server_counters.get(*k).map(|v| format!("{k} {v}")))
             .collect();
-        if s.server_counters
+        if ["dropped", "evicted", "lagged", "disconnected"]
             .iter()
-            .any(|(k, v)| k != "published" && *v > 0.0)
+            .any(|k| s.server_counters.get(*k).is_some_and(|v| *v > 0.0))
         {
             println!("  {} hub counters: {}", s.server, acted.join(", "));
         }
@@ -816,7 +1057,29 @@ fn cores() -> usize {
 
 fn apply_overrides(scenario: &mut Scenario, args: &Args) {
     if let Some(n) = args.clients {
+        // Topics scale with the connections: as many subscribers a topic.
+        if let Mode::Topics { topics, per_client } = &mut scenario.mode {
+            *topics = (*topics * n / scenario.clients.max(1)).max(*per_client);
+        }
         scenario.clients = n;
+    }
+    let modes = std::iter::once(&mut scenario.mode)
+        .chain(scenario.variants.iter_mut().filter_map(|v| v.mode.as_mut()));
+    for mode in modes {
+        match mode {
+            Mode::Topics { topics, per_client } => {
+                if let Some(t) = args.topics {
+                    *topics = t.max(1);
+                }
+                *per_client = (*per_client).min(*topics);
+            }
+            Mode::Resume { missed } => {
+                if let Some(m) = args.missed {
+                    *missed = m;
+                }
+            }
+            Mode::Fanout => {}
+        }
     }
     if let Some(p) = args.publishers {
         scenario.publishers = p;
@@ -831,16 +1094,57 @@ fn apply_overrides(scenario: &mut Scenario, args: &Args) {
         scenario.payload = s.max(40);
     }
     if !args.servers.is_empty() {
-        scenario.variants = args.servers.iter().copied().map(variant).collect();
+        // Those of the list that speak the scenario's protocol; a kind the
+        // scenario has variants of (pubsub-smoke's two) keeps them.
+        let own = std::mem::take(&mut scenario.variants);
+        let pubsub = scenario.mode.is_pubsub();
+        for kind in args.servers.iter().copied() {
+            if kind.is_pubsub() != pubsub {
+                continue;
+            }
+            let mine: Vec<Variant> = own
+                .iter()
+                .filter(|v| v.kind == kind && v.mode.is_some())
+                .cloned()
+                .collect();
+            if mine.is_empty() {
+                scenario.variants.push(variant(kind));
+            } else {
+                let plain = own.iter().filter(|v| v.kind == kind && v.mode.is_none());
+                scenario.variants.extend(plain.cloned().chain(mine));
+            }
+        }
     }
-    if args.url.is_some() {
-        scenario.variants = vec![Variant {
-            label: args.url.clone().unwrap_or_default(),
-            kind: Kind::Wshub(Policy::Suspend),
-            slow: None,
-        }];
+    if let Some(url) = &args.url {
+        // One variant per mode the scenario has, all aimed at the URL.
+        let kind = if scenario.mode.is_pubsub() {
+            Kind::WshubPubSub
+        } else {
+            Kind::Wshub(Policy::Suspend)
+        };
+        let mut variants: Vec<Variant> = Vec::new();
+        for v in &scenario.variants {
+            if !variants.iter().any(|w| w.mode == v.mode) {
+                variants.push(Variant {
+                    label: match v.mode {
+                        None => url.clone(),
+                        Some(_) => format!("{url} {}", v.label.rsplit(' ').next().unwrap_or("")),
+                    },
+                    kind,
+                    slow: None,
+                    mode: v.mode,
+                });
+            }
+        }
+        scenario.variants = variants;
     }
-    scenario.publishers = scenario.publishers.clamp(1, scenario.clients.max(1));
+    // Broadcast publishers are clients; pub/sub ones are connections of their own.
+    let most = if scenario.mode.is_pubsub() {
+        usize::MAX
+    } else {
+        scenario.clients.max(1)
+    };
+    scenario.publishers = scenario.publishers.clamp(1, most);
 }
 
 fn main() {
@@ -889,16 +1193,11 @@ fn main() {
     let mut failed = false;
     runtime.block_on(async {
         for scenario in &scenarios {
-            println!(
-                "\n== {}: {} clients ({} slow), {} publisher(s) × {} msg/s × {} s, {} B ==",
-                scenario.name,
-                scenario.clients,
-                scenario.slow,
-                scenario.publishers,
-                scenario.rate,
-                scenario.duration,
-                scenario.payload
-            );
+            println!("\n== {}: {} ==", scenario.name, scenario.describe());
+            if scenario.variants.is_empty() {
+                println!("  skipped: no server of --servers speaks this scenario's protocol");
+                continue;
+            }
             let mut results = Vec::new();
             // Servers take turns within each round, so drift hits all alike.
             for run in 0..args.runs.max(1) {
@@ -945,9 +1244,26 @@ fn main() {
                 eprintln!("smoke: a server lost messages or connections");
                 failed = true;
             }
+            if scenario.name == "pubsub-smoke" {
+                let expected = args.runs.max(1);
+                for s in &summary {
+                    if s.exact_runs < s.runs || s.runs < expected {
+                        eprintln!(
+                            "pubsub-smoke: {}: delivery exact in {} of {expected} run(s)",
+                            s.server, s.exact_runs
+                        );
+                        failed = true;
+                    }
+                }
+                if summary.len() < scenario.variants.len() {
+                    eprintln!("pubsub-smoke: a variant did not run");
+                    failed = true;
+                }
+            }
             everything.extend(summary);
         }
     });
+    pubsub::compare(&everything, &args.out);
     if sweep {
         let points: Vec<Summary> = everything
             .into_iter()

@@ -1,10 +1,12 @@
-//! The servers under test: wshub and the two baseline patterns.
+//! The servers under test: wshub, wshub's pub/sub protocol, and the two
+//! baseline patterns.
 //!
 //! Each runs in a child process of the benchmark so that its CPU time and
 //! memory are its own. The child prints `addr <socket address>` on stdout,
 //! answers every `stats` line on stdin with `stats <cpu µs> <rss KiB>
-//! <connections> [name=value...]` (wshub adds its hub's counters), and exits
-//! when stdin closes.
+//! <connections> [name=value...]` (wshub adds its hub's counters; the pub/sub
+//! server its topics, subscriptions and the counters summed over its topic
+//! hubs), and exits when stdin closes.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -18,7 +20,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Mutex, broadcast, mpsc};
 use tokio_tungstenite::tungstenite::Message;
-use wshub::{Hub, HubConfig, Metrics, Policy, Server};
+use wshub::{Hub, HubConfig, Metrics, Policy, PubSub, PubSubConfig, Server, TopicConfig};
 
 use crate::sys;
 
@@ -35,6 +37,10 @@ pub enum Kind {
     /// The same with Prometheus metrics on (the hub registered, the server
     /// counting), scraped once a second in the server process.
     WshubMetrics,
+    /// wshub's `PubSub` serving the pub/sub protocol (docs/PROTOCOL.md) on
+    /// `/pubsub`: default settings, topics keeping a history of
+    /// [`HISTORY`] messages. Only the pub/sub scenarios speak to it.
+    WshubPubSub,
     /// Ktor's chat guide: a locked set of sessions; each message is sent to
     /// each session in turn (a `String` per session) through its 8-frame
     /// outgoing channel, whose writer flushes when the channel runs dry.
@@ -50,6 +56,7 @@ impl fmt::Display for Kind {
             Kind::Wshub(Policy::Suspend) => f.write_str("wshub"),
             Kind::Wshub(policy) => write!(f, "wshub:{policy}"),
             Kind::WshubMetrics => f.write_str("wshub+metrics"),
+            Kind::WshubPubSub => f.write_str("wshub-pubsub"),
             Kind::Ktor => f.write_str("ktor-pattern"),
             Kind::Axum => f.write_str("axum-pattern"),
         }
@@ -63,17 +70,34 @@ impl FromStr for Kind {
         match s {
             "wshub" => Ok(Kind::Wshub(Policy::Suspend)),
             "wshub+metrics" => Ok(Kind::WshubMetrics),
+            "wshub-pubsub" | "pubsub" => Ok(Kind::WshubPubSub),
             "ktor" | "ktor-pattern" => Ok(Kind::Ktor),
             "axum" | "axum-pattern" => Ok(Kind::Axum),
             _ => match s.strip_prefix("wshub:") {
                 Some(policy) => policy.parse().map(Kind::Wshub).map_err(|e| e.to_string()),
                 None => Err(format!(
-                    "unknown server {s:?}: expected wshub, wshub:<policy>, wshub+metrics, ktor or axum"
+                    "unknown server {s:?}: expected wshub, wshub:<policy>, wshub+metrics, wshub-pubsub, ktor or axum"
                 )),
             },
         }
     }
 }
+
+impl Kind {
+    /// Whether the server speaks the pub/sub protocol (rather than relaying
+    /// every text message to every client).
+    pub fn is_pubsub(self) -> bool {
+        self == Kind::WshubPubSub
+    }
+
+    /// The path the child serves.
+    pub fn path(self) -> &'static str {
+        if self.is_pubsub() { "/pubsub" } else { "/ws" }
+    }
+}
+
+/// Messages each pub/sub topic keeps for clients that resume.
+pub const HISTORY: usize = 100;
 
 /// Runs a server in this (child) process until stdin closes.
 pub fn child_main(kind: Kind) -> ! {
@@ -117,6 +141,14 @@ pub fn child_main(kind: Kind) -> ! {
                         s.subscribers, s.published, s.dropped, s.evicted, s.lagged, s.disconnected
                     )
                 })
+            }
+            Kind::WshubPubSub => {
+                let pubsub = PubSub::new(
+                    PubSubConfig::default().topic(TopicConfig::default().history(HISTORY)),
+                )
+                .map_err(std::io::Error::other)?;
+                tokio::spawn(serve_pubsub(listener, pubsub.clone(), connections.clone()));
+                Box::new(move || pubsub_stats(&pubsub, &connections))
             }
             Kind::Ktor => {
                 tokio::spawn(serve_ktor(listener, connections.clone()));
@@ -182,6 +214,55 @@ async fn serve_wshub(listener: TcpListener, hub: Hub, metrics: Option<Metrics>) 
     if let Err(err) = server.serve(listener, std::future::pending()).await {
         eprintln!("server: {err}");
     }
+}
+
+async fn serve_pubsub(listener: TcpListener, pubsub: PubSub, connections: Arc<AtomicU64>) {
+    // What `Server::pubsub` installs (the handler `PubSub::route` returns is
+    // `pubsub.serve(session)`), with a count of open sessions for `stats`;
+    // the benchmark's clients offer no subprotocol. Limits lifted as for
+    // `serve_wshub`.
+    let server = Server::new()
+        .max_connections(None)
+        .max_handshakes_per_ip(None)
+        .route("/pubsub", move |session| {
+            let pubsub = pubsub.clone();
+            let connections = connections.clone();
+            async move {
+                connections.fetch_add(1, Ordering::Relaxed);
+                pubsub.serve(session).await;
+                connections.fetch_sub(1, Ordering::Relaxed);
+            }
+        });
+    if let Err(err) = server.serve(listener, std::future::pending()).await {
+        eprintln!("server: {err}");
+    }
+}
+
+/// `<sessions> topics=.. subscriptions=..` and the counters of every local
+/// topic hub, summed.
+fn pubsub_stats(pubsub: &PubSub, connections: &AtomicU64) -> String {
+    let topics = pubsub.topics();
+    let (mut subscriptions, mut published, mut dropped, mut evicted) = (0, 0, 0, 0);
+    let (mut lagged, mut disconnected, mut stalled) = (0, 0, 0);
+    let names = topics.names();
+    for name in &names {
+        if let Some(hub) = topics.get(name) {
+            let s = hub.stats();
+            subscriptions += s.subscribers;
+            published += s.published;
+            dropped += s.dropped;
+            evicted += s.evicted;
+            lagged += s.lagged;
+            disconnected += s.disconnected;
+            stalled += s.stalled;
+        }
+    }
+    format!(
+        "{} topics={} subscriptions={subscriptions} published={published} dropped={dropped} \
+         evicted={evicted} lagged={lagged} disconnected={disconnected} stalled={stalled}",
+        connections.load(Ordering::Relaxed),
+        names.len(),
+    )
 }
 
 async fn accept_loop<F, Fut>(listener: TcpListener, mut per_connection: F)
