@@ -21,7 +21,7 @@ use futures_util::future::BoxFuture;
 use serde::Serialize;
 
 use crate::hub::{Hub, WeakHub};
-use crate::message::Message;
+use crate::message::{Message, Utf8Bytes};
 
 /// A topic's epoch: an opaque string, new whenever the topic's history
 /// starts afresh (a new topic, a broker that lost its data).
@@ -76,9 +76,10 @@ pub struct Position {
 
 /// A published value: one JSON document, kept as its text.
 ///
-/// Cloning shares the text.
+/// Cloning shares the text; a kept message's value is a slice of its
+/// encoded push, not a copy.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Data(Arc<str>);
+pub struct Data(Utf8Bytes);
 
 impl Data {
     /// Serializes `value` to JSON.
@@ -102,7 +103,7 @@ impl Data {
 
     /// Wraps JSON text known to be valid (a broker reading back what a
     /// node gave it).
-    pub fn from_trusted(text: impl Into<Arc<str>>) -> Data {
+    pub fn from_trusted(text: impl Into<Utf8Bytes>) -> Data {
         Data(text.into())
     }
 
@@ -129,12 +130,16 @@ impl fmt::Debug for Data {
 }
 
 /// One kept message.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Entry {
     /// Its sequence number.
     pub seq: u64,
     /// Its value.
     pub data: Data,
+    /// Its `message` push, when the broker keeps it encoded (the embedded
+    /// broker does): the node then sends it as it is, shared, instead of
+    /// encoding a copy for each client that reads the history.
+    pub push: Option<Message>,
 }
 
 /// What a topic keeps: its last `size` messages, each for `ttl` after it
@@ -158,7 +163,7 @@ pub enum Range {
 }
 
 /// A read of a topic's history.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct History {
     /// The topic's epoch.
     pub epoch: Epoch,
@@ -314,6 +319,13 @@ impl Delivery {
         }
     }
 
+    /// Delivers a `message` push encoded by [`encode_message`].
+    pub(crate) async fn encoded(&self, push: Message, seq: u64) {
+        if let Some(hub) = self.hub.upgrade() {
+            let _ = hub.publish_seq(push, seq).await;
+        }
+    }
+
     /// Tells the node's subscribers that `missed` messages are lost for
     /// good (a broker that could not deliver some).
     pub async fn gap(&self, missed: u64) {
@@ -370,12 +382,22 @@ pub(crate) fn json_str(text: &str) -> String {
 
 /// The protocol's `message` push.
 pub(crate) fn encode_message(topic: &str, epoch: &Epoch, seq: u64, data: &Data) -> Message {
-    Message::text(format!(
-        r#"{{"op":"message","topic":{},"epoch":{},"seq":{seq},"data":{}}}"#,
+    Message::Text(encode_push(topic, epoch, seq, data).0)
+}
+
+/// The `message` push's text, and where its `data` starts in it (it ends
+/// one byte before the end).
+fn encode_push(topic: &str, epoch: &Epoch, seq: u64, data: &Data) -> (Utf8Bytes, usize) {
+    let mut push = format!(
+        r#"{{"op":"message","topic":{},"epoch":{},"seq":{seq},"data":"#,
         json_str(topic),
         json_str(epoch.as_str()),
-        data.as_str()
-    ))
+    );
+    let at = push.len();
+    push.reserve_exact(data.len() + 1);
+    push.push_str(data.as_str());
+    push.push('}');
+    (push.into(), at)
 }
 
 /// The protocol's `gap` push.
@@ -392,7 +414,9 @@ pub(crate) fn encode_gap(topic: &str, missed: u64) -> Message {
 /// Per topic it keeps the epoch, the last sequence number, the retained
 /// messages and the members. A topic is freed when no local subscriber
 /// watches it, no message is retained (each goes after its TTL) and no
-/// member is present; its next use starts a new epoch. At most
+/// member is present (it is looked for at most once a second, and whenever
+/// the bound is reached or [`topics`](Self::topics) counts them); its next
+/// use starts a new epoch. At most
 /// `max_topics` topics exist at once: a publish or read that would create
 /// one more is refused with [`BrokerError::Limit`].
 ///
@@ -401,10 +425,8 @@ pub(crate) fn encode_gap(topic: &str, missed: u64) -> Message {
 /// one order (under [`Suspend`](crate::Policy::Suspend), a full hub holds
 /// the topic's publishers back, as it would hold back a hub's).
 pub struct InProcess {
-    logs: Mutex<HashMap<Arc<str>, Arc<Log>>>,
+    logs: Mutex<Logs>,
     max_topics: usize,
-    /// Uses since the last sweep of freeable topics.
-    uses: AtomicU64,
 }
 
 impl fmt::Debug for InProcess {
@@ -413,6 +435,21 @@ impl fmt::Debug for InProcess {
             .field("topics", &self.topics())
             .field("max_topics", &self.max_topics)
             .finish()
+    }
+}
+
+/// The topics, and when the freeable ones were last let go.
+struct Logs {
+    map: HashMap<Arc<str>, Arc<Log>>,
+    swept: Instant,
+}
+
+impl Logs {
+    /// Forgets the topics that can be: a log held by a call under way is not.
+    fn sweep(&mut self, now: Instant) {
+        self.swept = now;
+        self.map
+            .retain(|_, log| Arc::strong_count(log) > 1 || !log.is_freeable(now));
     }
 }
 
@@ -432,9 +469,25 @@ struct LogState {
 
 struct Kept {
     seq: u64,
-    data: Data,
+    /// Its `message` push; its value is the slice from `data_at` to the
+    /// closing brace.
+    push: Utf8Bytes,
+    data_at: usize,
     /// When its TTL ends.
     until: Instant,
+}
+
+impl Kept {
+    fn entry(&self) -> Entry {
+        let bytes: &bytes::Bytes = self.push.as_ref();
+        let data = bytes.slice(self.data_at..bytes.len() - 1);
+        Entry {
+            seq: self.seq,
+            // A slice of valid JSON text at a value's bounds: UTF-8.
+            data: Data(Utf8Bytes::try_from(data).unwrap_or_default()),
+            push: Some(Message::Text(self.push.clone())),
+        }
+    }
 }
 
 impl LogState {
@@ -497,55 +550,56 @@ impl Default for InProcess {
 }
 
 impl InProcess {
-    /// Sweep the freeable topics every this many creations and reads.
-    const SWEEP_EVERY: u64 = 256;
+    /// How often a call looks for topics to free, at most.
+    const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
     /// A broker that holds at most `max_topics` topics at once.
     pub fn new(max_topics: usize) -> InProcess {
         InProcess {
-            logs: Mutex::new(HashMap::new()),
+            logs: Mutex::new(Logs {
+                map: HashMap::new(),
+                swept: Instant::now(),
+            }),
             max_topics: max_topics.max(1),
-            uses: AtomicU64::new(0),
         }
     }
 
     /// How many topics it holds now (freeing those it can first).
     pub fn topics(&self) -> usize {
         let mut logs = self.lock();
-        Self::sweep(&mut logs);
-        logs.len()
+        logs.sweep(Instant::now());
+        logs.map.len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Log>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Logs> {
         self.logs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Forgets the topics that can be: a log held by a call under way is not.
-    fn sweep(logs: &mut HashMap<Arc<str>, Arc<Log>>) {
-        let now = Instant::now();
-        logs.retain(|_, log| Arc::strong_count(log) > 1 || !log.is_freeable(now));
+    fn get(&self, topic: &str) -> Option<Arc<Log>> {
+        self.lock().map.get(topic).cloned()
     }
 
     /// The topic's log, created (within the bound) if it does not exist.
     fn log(&self, topic: &str) -> Result<Arc<Log>, BrokerError> {
         let mut logs = self.lock();
-        if self.uses.fetch_add(1, Relaxed) % Self::SWEEP_EVERY == 0 {
-            Self::sweep(&mut logs);
+        let now = Instant::now();
+        if now.duration_since(logs.swept) >= Self::SWEEP_EVERY {
+            logs.sweep(now);
         }
-        if let Some(log) = logs.get(topic) {
+        if let Some(log) = logs.map.get(topic) {
             return Ok(log.clone());
         }
-        if logs.len() >= self.max_topics {
-            Self::sweep(&mut logs);
-            if logs.len() >= self.max_topics {
+        if logs.map.len() >= self.max_topics {
+            logs.sweep(now);
+            if logs.map.len() >= self.max_topics {
                 return Err(BrokerError::Limit(format!(
                     "{} topics exist, the most this broker holds",
-                    logs.len()
+                    logs.map.len()
                 )));
             }
         }
         let log = Arc::new(Log::new());
-        logs.insert(topic.into(), log.clone());
+        logs.map.insert(topic.into(), log.clone());
         Ok(log)
     }
 
@@ -561,10 +615,14 @@ impl InProcess {
         state.trim(keep, now);
         state.last += 1;
         let seq = state.last;
+        // Encoded once: the local hub and the history share the push.
+        let (push, data_at) = encode_push(topic, &state.epoch, seq, &data);
+        drop(data);
         if keep.size > 0 && !keep.ttl.is_zero() {
             state.kept.push_back(Kept {
                 seq,
-                data: data.clone(),
+                push: push.clone(),
+                data_at,
                 until: now + keep.ttl,
             });
             state.trim(keep, now);
@@ -576,7 +634,7 @@ impl InProcess {
         // Delivered under the topic's lock: the next publish waits, so the
         // hub holds the topic's messages in sequence order.
         if let Some(delivery) = log.watcher() {
-            delivery.message(&position.epoch, seq, &data).await;
+            delivery.encoded(Message::Text(push), seq).await;
         }
         Ok(position)
     }
@@ -595,22 +653,11 @@ impl InProcess {
                 .kept
                 .iter()
                 .filter(|k| k.seq > seq)
-                .map(|k| Entry {
-                    seq: k.seq,
-                    data: k.data.clone(),
-                })
+                .map(Kept::entry)
                 .collect(),
             Range::Last(n) => {
                 let skip = state.kept.len().saturating_sub(n);
-                state
-                    .kept
-                    .iter()
-                    .skip(skip)
-                    .map(|k| Entry {
-                        seq: k.seq,
-                        data: k.data.clone(),
-                    })
-                    .collect()
+                state.kept.iter().skip(skip).map(Kept::entry).collect()
             }
         };
         Ok(History {
@@ -637,7 +684,7 @@ impl InProcess {
     }
 
     async fn do_leave(&self, topic: &str, client: &str) -> Result<(), BrokerError> {
-        let Some(log) = self.lock().get(topic).cloned() else {
+        let Some(log) = self.get(topic) else {
             return Ok(());
         };
         let mut state = log.state.lock().await;
@@ -650,7 +697,7 @@ impl InProcess {
     }
 
     async fn do_members(&self, topic: &str) -> Result<Vec<Member>, BrokerError> {
-        let Some(log) = self.lock().get(topic).cloned() else {
+        let Some(log) = self.get(topic) else {
             return Ok(Vec::new());
         };
         let state = log.state.lock().await;
@@ -674,7 +721,7 @@ impl Broker for InProcess {
     }
 
     fn unwatch(&self, topic: &str) {
-        let log = self.lock().get(topic).cloned();
+        let log = self.get(topic);
         if let Some(log) = log {
             let mut watcher = log.watcher.lock().unwrap_or_else(|p| p.into_inner());
             if watcher.as_ref().is_some_and(|d| !d.is_alive()) {
@@ -720,5 +767,103 @@ impl Broker for InProcess {
 
     fn members<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Vec<Member>, BrokerError>> {
         Box::pin(self.do_members(topic))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keep(size: usize, ttl_ms: u64) -> Retention {
+        Retention {
+            size,
+            ttl: Duration::from_millis(ttl_ms),
+        }
+    }
+
+    #[tokio::test]
+    async fn numbers_keeps_and_reads_back_with_no_holes() {
+        let broker = InProcess::default();
+        for i in 1..=5u64 {
+            let at = broker
+                .publish("t", Data::json(&i).unwrap(), keep(3, 60_000))
+                .await
+                .unwrap();
+            assert_eq!(at.seq, i);
+        }
+        let read = broker
+            .history("t", Range::After(1), keep(3, 60_000))
+            .await
+            .unwrap();
+        assert_eq!(read.last, 5);
+        let seqs: Vec<u64> = read.entries.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [3, 4, 5], "the last three kept");
+        // The value is the slice of the push it was kept as.
+        let entry = &read.entries[0];
+        assert_eq!(entry.data.as_str(), "3");
+        let push = entry.push.clone().unwrap().into_text().unwrap();
+        assert!(push.ends_with(r#""seq":3,"data":3}"#), "{push}");
+        let last = broker
+            .history("t", Range::Last(1), keep(3, 60_000))
+            .await
+            .unwrap();
+        assert_eq!(last.entries.len(), 1);
+        assert_eq!(last.epoch, read.epoch);
+    }
+
+    /// A topic nobody watches is freed once its messages are past their TTL
+    /// and nobody is present, and comes back with a new epoch.
+    #[tokio::test]
+    async fn a_topic_is_freed_after_its_ttl_and_starts_a_new_epoch() {
+        let broker = InProcess::new(10);
+        let first = broker
+            .publish("t", Data::json("a").unwrap(), keep(10, 30))
+            .await
+            .unwrap();
+        let member = Member {
+            client: "c1".into(),
+            info: None,
+        };
+        broker.join("m", member, 10).await.unwrap();
+        assert_eq!(broker.topics(), 2);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(broker.topics(), 1, "the member keeps its topic");
+        broker.leave("m", "c1").await.unwrap();
+        assert_eq!(broker.topics(), 0);
+        let again = broker
+            .publish("t", Data::json("b").unwrap(), keep(10, 30))
+            .await
+            .unwrap();
+        assert_eq!(again.seq, 1);
+        assert_ne!(again.epoch, first.epoch);
+    }
+
+    #[tokio::test]
+    async fn topics_and_members_are_bounded() {
+        let broker = InProcess::new(2);
+        for topic in ["a", "b"] {
+            broker
+                .publish(topic, Data::json(&1).unwrap(), keep(1, 60_000))
+                .await
+                .unwrap();
+        }
+        let err = broker
+            .publish("c", Data::json(&1).unwrap(), keep(1, 60_000))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BrokerError::Limit(_)), "{err}");
+        for n in 0..2 {
+            let member = Member {
+                client: format!("c{n}").into(),
+                info: None,
+            };
+            broker.join("a", member, 2).await.unwrap();
+        }
+        let member = Member {
+            client: "c9".into(),
+            info: None,
+        };
+        let err = broker.join("a", member, 2).await.unwrap_err();
+        assert!(err.to_string().contains("2 members"), "{err}");
     }
 }

@@ -672,13 +672,8 @@ impl PubSub {
         if missed > 0 {
             backlog.push_back(broker::encode_gap(topic, missed));
         }
-        for entry in &history.entries {
-            backlog.push_back(broker::encode_message(
-                topic,
-                &history.epoch,
-                entry.seq,
-                &entry.data,
-            ));
+        for entry in history.entries.iter() {
+            backlog.push_back(push_of(topic, &history.epoch, entry));
         }
         Ok(Subscribed {
             position: Position {
@@ -996,21 +991,20 @@ impl Connection {
                     },
                 };
                 let history = self.pubsub.history(&topic, limit).await?;
-                let messages: Vec<String> = history
-                    .entries
-                    .iter()
-                    .map(|e| {
-                        broker::encode_message(&topic, &history.epoch, e.seq, &e.data)
-                            .into_text()
-                            .map(|t| t.to_string())
-                            .unwrap_or_default()
-                    })
-                    .collect();
-                Ok(format!(
-                    r#","epoch":{},"messages":[{}]"#,
-                    broker::json_str(history.epoch.as_str()),
-                    messages.join(",")
-                ))
+                let mut reply = format!(
+                    r#","epoch":{},"messages":["#,
+                    broker::json_str(history.epoch.as_str())
+                );
+                for (n, entry) in history.entries.iter().enumerate() {
+                    if n > 0 {
+                        reply.push(',');
+                    }
+                    if let Message::Text(push) = push_of(&topic, &history.epoch, entry) {
+                        reply.push_str(&push);
+                    }
+                }
+                reply.push(']');
+                Ok(reply)
             }
             other => Err(bad(format!(
                 "unknown op {other:?} (subscribe, unsubscribe, publish, presence, history)"
@@ -1067,6 +1061,14 @@ impl Connection {
         // and the subscription is handed to the send task right after it.
         self.pending = Some((topic.into(), subscribed));
         Ok(reply)
+    }
+}
+
+/// A kept message's push: the broker's own if it has one, else encoded here.
+fn push_of(topic: &str, epoch: &Epoch, entry: &broker::Entry) -> Message {
+    match &entry.push {
+        Some(push) => push.clone(),
+        None => broker::encode_message(topic, epoch, entry.seq, &entry.data),
     }
 }
 
