@@ -1456,7 +1456,9 @@ impl SendTask {
                     }
                 }
             } else if let Some((at, item)) = forwarded.take() {
-                self.forward(at, item).await?;
+                if let Some(msg) = self.forwarded(at, item)? {
+                    self.write(msg).await?;
+                }
                 written += 1;
             }
             if written >= self.max_batch {
@@ -1524,14 +1526,16 @@ impl SendTask {
         }
     }
 
-    /// Writes one item of the subscription at `at`, applying its policy to
-    /// what the hub reports.
-    async fn forward(&mut self, at: usize, item: Item) -> Result<(), Stop> {
+    /// What to write for one item of the subscription at `at`, applying
+    /// its policy to what the hub reports: a message, nothing, or a stop.
+    /// Not async, so that a batch's future (boxed once per batch) holds one
+    /// write and not a second copy of the item around it.
+    fn forwarded(&mut self, at: usize, item: Item) -> Result<Option<Message>, Stop> {
         let Some(fwd) = self.subs.get(at) else {
-            return Ok(());
+            return Ok(None);
         };
         let result = match item {
-            Item::Backlog(msg) => return self.write(msg).await,
+            Item::Backlog(msg) => return Ok(Some(msg)),
             Item::Live(result) => result,
         };
         match result {
@@ -1539,15 +1543,12 @@ impl SendTask {
                 if let Some(recorder) = fwd.latency.as_deref_mut() {
                     recorder.queued(fwd.sub.stamp());
                 }
-                self.write(msg).await
+                Ok(Some(msg))
             }
             Err(RecvError::Lagged(skipped)) => match fwd.policy.on_lag() {
                 OnLag::SkipAhead => {
                     tracing::debug!(skipped, "subscriber lagged; skipping ahead");
-                    match fwd.lag_notice.as_ref().map(|notice| notice(skipped)) {
-                        Some(notice) => self.write(notice).await,
-                        None => Ok(()),
-                    }
+                    Ok(fwd.lag_notice.as_ref().map(|notice| notice(skipped)))
                 }
                 OnLag::Disconnect => {
                     tracing::debug!(skipped, "subscriber lagged; disconnecting");
