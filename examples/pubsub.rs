@@ -24,7 +24,8 @@
 //! > {"id":4,"ok":true,"epoch":"5c1f0e9a7b2d4c81","messages":[{"op":"message",...,"seq":1,...}]}
 //! ```
 //!
-//! Reconnect later and resume where you were: every message after seq 1
+//! (A publisher subscribed to its topic gets the push and the reply in either
+//! order.) Reconnect later and resume where you were: every message after seq 1
 //! that the history still keeps comes first, then live ones:
 //!
 //! ```text
