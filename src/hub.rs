@@ -347,14 +347,14 @@ impl Hub {
         msg: Message,
         seq: u64,
     ) -> Result<Published, PublishError> {
+        if self.shared.config.policy.on_full() != OnFull::Wait {
+            return self.try_publish_seq(msg, seq);
+        }
         let msg = self.check(msg)?;
         let size = payload_len(&msg);
-        if let Room::Discard = self.make_room(size) {
-            return Ok(self.discarded());
-        }
-        if self.shared.config.policy.on_full() != OnFull::Wait {
-            return self.offer(msg, size, seq);
-        }
+        // Under Suspend the byte bound lowers the capacity, and the publish
+        // waits; it never discards.
+        self.make_room(size);
         match self.shared.tx.broadcast_direct(self.stamp(msg, seq)).await {
             Ok(_) => Ok(self.queued(size)),
             Err(async_broadcast::SendError(stamped)) => self.refused(stamped.msg),
@@ -363,7 +363,6 @@ impl Hub {
 
     /// [`try_publish`](Self::try_publish) with a sequence number, as
     /// [`publish_seq`](Self::publish_seq).
-    #[cfg(test)]
     pub(crate) fn try_publish_seq(
         &self,
         msg: Message,
@@ -371,6 +370,9 @@ impl Hub {
     ) -> Result<Published, PublishError> {
         let msg = self.check(msg)?;
         let size = payload_len(&msg);
+        if let Room::Discard = self.make_room(size) {
+            return Ok(self.discarded());
+        }
         self.offer(msg, size, seq)
     }
 
@@ -381,12 +383,7 @@ impl Hub {
     /// As [`publish`](Self::publish), plus [`PublishError::Full`] under
     /// [`Policy::Suspend`] when the buffer is full.
     pub fn try_publish(&self, msg: impl Into<Message>) -> Result<Published, PublishError> {
-        let msg = self.check(msg.into())?;
-        let size = payload_len(&msg);
-        if let Room::Discard = self.make_room(size) {
-            return Ok(self.discarded());
-        }
-        self.offer(msg, size, 0)
+        self.try_publish_seq(msg.into(), 0)
     }
 
     /// Serializes `value` to JSON once and publishes it as a text message.
