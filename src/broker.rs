@@ -420,6 +420,12 @@ pub(crate) fn encode_gap(topic: &str, missed: u64) -> Message {
 /// `max_topics` topics exist at once: a publish or read that would create
 /// one more is refused with [`BrokerError::Limit`].
 ///
+/// The kept messages of all topics together hold at most `max_bytes` (their
+/// encoded pushes): a publish that would be kept past it is refused with
+/// [`BrokerError::Limit`] and not numbered, rather than shortening any
+/// topic's history below its size. Messages past their TTL are let go
+/// first.
+///
 /// Publishes on one topic are serialized: each is numbered, kept and
 /// delivered to the local hub before the next, so every subscriber sees
 /// one order (under [`Suspend`](crate::Policy::Suspend), a full hub holds
@@ -427,6 +433,28 @@ pub(crate) fn encode_gap(topic: &str, missed: u64) -> Message {
 pub struct InProcess {
     logs: Mutex<Logs>,
     max_topics: usize,
+    bytes: Arc<Held>,
+}
+
+/// The bytes the kept messages of every topic hold, and their bound.
+struct Held {
+    used: std::sync::atomic::AtomicUsize,
+    max: usize,
+}
+
+impl Held {
+    /// Takes `n` bytes if they fit under the bound.
+    fn take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Relaxed, Relaxed, |used| {
+                used.checked_add(n).filter(|total| *total <= self.max)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, n: usize) {
+        self.used.fetch_sub(n, Relaxed);
+    }
 }
 
 impl fmt::Debug for InProcess {
@@ -434,6 +462,8 @@ impl fmt::Debug for InProcess {
         f.debug_struct("InProcess")
             .field("topics", &self.topics())
             .field("max_topics", &self.max_topics)
+            .field("history_bytes", &self.history_bytes())
+            .field("max_bytes", &self.bytes.max)
             .finish()
     }
 }
@@ -445,11 +475,16 @@ struct Logs {
 }
 
 impl Logs {
-    /// Forgets the topics that can be: a log held by a call under way is not.
+    /// Lets go of every message past its TTL, and forgets the topics that
+    /// can be: a log held by a call under way is not.
     fn sweep(&mut self, now: Instant) {
         self.swept = now;
-        self.map
-            .retain(|_, log| Arc::strong_count(log) > 1 || !log.is_freeable(now));
+        self.map.retain(|_, log| {
+            if let Ok(mut state) = log.state.try_lock() {
+                state.expire(now);
+            }
+            Arc::strong_count(log) > 1 || !log.is_freeable(now)
+        });
     }
 }
 
@@ -465,6 +500,15 @@ struct LogState {
     last: u64,
     kept: VecDeque<Kept>,
     members: HashMap<Arc<str>, Member>,
+    /// The broker's count of kept bytes, given back as messages go.
+    bytes: Arc<Held>,
+}
+
+impl Drop for LogState {
+    fn drop(&mut self) {
+        let held: usize = self.kept.iter().map(|k| k.push.len()).sum();
+        self.bytes.give(held);
+    }
 }
 
 struct Kept {
@@ -491,30 +535,42 @@ impl Kept {
 }
 
 impl LogState {
-    fn new() -> LogState {
+    fn new(bytes: Arc<Held>) -> LogState {
         LogState {
             epoch: Epoch::random(),
             last: 0,
             kept: VecDeque::new(),
             members: HashMap::new(),
+            bytes,
         }
     }
 
     /// Lets go of what `keep` no longer covers.
     fn trim(&mut self, keep: Retention, now: Instant) {
         while self.kept.len() > keep.size {
-            self.kept.pop_front();
+            self.pop();
         }
+        self.expire(now);
+    }
+
+    /// Lets go of the messages past their TTL.
+    fn expire(&mut self, now: Instant) {
         while self.kept.front().is_some_and(|k| k.until <= now) {
-            self.kept.pop_front();
+            self.pop();
+        }
+    }
+
+    fn pop(&mut self) {
+        if let Some(kept) = self.kept.pop_front() {
+            self.bytes.give(kept.push.len());
         }
     }
 }
 
 impl Log {
-    fn new() -> Log {
+    fn new(bytes: Arc<Held>) -> Log {
         Log {
-            state: tokio::sync::Mutex::new(LogState::new()),
+            state: tokio::sync::Mutex::new(LogState::new(bytes)),
             watcher: Mutex::new(None),
         }
     }
@@ -553,15 +609,37 @@ impl InProcess {
     /// How often a call looks for topics to free, at most.
     const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
-    /// A broker that holds at most `max_topics` topics at once.
+    /// The default bound on the bytes all kept messages hold: 256 MiB.
+    pub const MAX_BYTES: usize = 256 << 20;
+
+    /// A broker that holds at most `max_topics` topics at once, and
+    /// [`MAX_BYTES`](Self::MAX_BYTES) of kept messages.
     pub fn new(max_topics: usize) -> InProcess {
+        Self::with_limits(max_topics, Self::MAX_BYTES)
+    }
+
+    /// A broker that holds at most `max_topics` topics at once, and
+    /// `max_bytes` of kept messages (their encoded pushes, all topics
+    /// together).
+    pub fn with_limits(max_topics: usize, max_bytes: usize) -> InProcess {
         InProcess {
             logs: Mutex::new(Logs {
                 map: HashMap::new(),
                 swept: Instant::now(),
             }),
             max_topics: max_topics.max(1),
+            bytes: Arc::new(Held {
+                used: std::sync::atomic::AtomicUsize::new(0),
+                max: max_bytes,
+            }),
         }
+    }
+
+    /// The bytes the kept messages of every topic hold now (messages past
+    /// their TTL are let go at the next use of their topic, or within a
+    /// second).
+    pub fn history_bytes(&self) -> usize {
+        self.bytes.used.load(Relaxed)
     }
 
     /// How many topics it holds now (freeing those it can first).
@@ -598,7 +676,7 @@ impl InProcess {
                 )));
             }
         }
-        let log = Arc::new(Log::new());
+        let log = Arc::new(Log::new(self.bytes.clone()));
         logs.map.insert(topic.into(), log.clone());
         Ok(log)
     }
@@ -613,12 +691,29 @@ impl InProcess {
         let mut state = log.state.lock().await;
         let now = Instant::now();
         state.trim(keep, now);
-        state.last += 1;
-        let seq = state.last;
+        let seq = state.last + 1;
         // Encoded once: the local hub and the history share the push.
         let (push, data_at) = encode_push(topic, &state.epoch, seq, &data);
         drop(data);
         if keep.size > 0 && !keep.ttl.is_zero() {
+            if !self.bytes.take(push.len()) {
+                // Messages past their TTL elsewhere may make room (looked
+                // for at most every 100 ms, however many publishes are
+                // refused meanwhile).
+                let mut logs = self.lock();
+                if now.duration_since(logs.swept) >= Duration::from_millis(100) {
+                    logs.sweep(now);
+                }
+                drop(logs);
+                if !self.bytes.take(push.len()) {
+                    return Err(BrokerError::Limit(format!(
+                        "the history of every topic holds {} bytes, the most it may \
+                         ({} bytes): publish refused",
+                        self.history_bytes(),
+                        self.bytes.max
+                    )));
+                }
+            }
             state.kept.push_back(Kept {
                 seq,
                 push: push.clone(),
@@ -627,6 +722,7 @@ impl InProcess {
             });
             state.trim(keep, now);
         }
+        state.last = seq;
         let position = Position {
             epoch: state.epoch.clone(),
             seq,
@@ -865,5 +961,56 @@ mod tests {
         };
         let err = broker.join("a", member, 2).await.unwrap_err();
         assert!(err.to_string().contains("2 members"), "{err}");
+    }
+
+    /// A flood of large messages into many topics: the kept bytes stay
+    /// under the bound, the publish past it is refused (and not numbered),
+    /// and room comes back as messages pass their TTL.
+    #[tokio::test]
+    async fn the_history_of_all_topics_is_bounded_in_bytes() {
+        let broker = InProcess::with_limits(1_000, 64 * 1024);
+        let big = Data::json(&"x".repeat(4000)).unwrap();
+        let mut refused = 0;
+        for i in 0..100 {
+            let topic = format!("t{}", i % 10);
+            match broker.publish(&topic, big.clone(), keep(100, 100)).await {
+                Ok(_) => {}
+                Err(BrokerError::Limit(why)) => {
+                    assert!(why.contains("65536 bytes"), "{why}");
+                    refused += 1;
+                }
+                Err(err) => panic!("{err}"),
+            }
+            assert!(broker.history_bytes() <= 64 * 1024);
+        }
+        assert!(refused >= 80, "only {refused} refused");
+        // A refused publish got no number: the next kept one follows on.
+        let read = broker
+            .history("t0", Range::After(0), keep(100, 100))
+            .await
+            .unwrap();
+        let seqs: Vec<u64> = read.entries.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=read.last).collect::<Vec<_>>());
+        // Past the TTL the room is back.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        broker
+            .publish("t0", big.clone(), keep(100, 100))
+            .await
+            .unwrap();
+        // The other topics' expired messages go at their next use or the
+        // next sweep (counting the topics is one).
+        assert_eq!(broker.topics(), 1);
+        assert!(
+            broker.history_bytes() < 8 * 1024,
+            "{}",
+            broker.history_bytes()
+        );
+        // A topic that keeps nothing is never refused for bytes.
+        for _ in 0..100 {
+            broker
+                .publish("none", big.clone(), keep(0, 100))
+                .await
+                .unwrap();
+        }
     }
 }

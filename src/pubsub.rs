@@ -58,8 +58,10 @@ pub struct TopicConfig {
     ///
     /// Default: 100. Memory: up to this many messages per topic, for
     /// [`history_ttl`](Self::history_ttl) after each was published, even
-    /// with nobody subscribed. 0 keeps nothing: a resume then recovers
-    /// nothing and reports the gap.
+    /// with nobody subscribed, within the node's
+    /// [`max_history_bytes`](PubSubConfig::max_history_bytes) for all
+    /// topics. 0 keeps nothing: a resume then recovers nothing and reports
+    /// the gap.
     pub history: usize,
     /// How long a kept message stays.
     ///
@@ -188,6 +190,14 @@ pub struct PubSubConfig {
     ///
     /// Default: 10,000.
     pub max_members: usize,
+    /// The most bytes the kept messages of every topic hold together, with
+    /// the embedded broker ([`PubSub::new`]); a publish that would be kept
+    /// past it is refused with `limit`.
+    ///
+    /// Default: 256 MiB ([`InProcess::MAX_BYTES`]). Without it, history
+    /// memory is bounded only by `max_topics` × each topic's `history` ×
+    /// the largest message a client may send.
+    pub max_history_bytes: usize,
     /// Where each topic's hub is exported (see [`TopicsConfig::metrics`]).
     ///
     /// Default: `None`.
@@ -207,6 +217,7 @@ impl Default for PubSubConfig {
             max_subscriptions: 100,
             max_history: 100,
             max_members: 10_000,
+            max_history_bytes: InProcess::MAX_BYTES,
             metrics: None,
             choose: None,
             on_subscribe: None,
@@ -225,6 +236,7 @@ impl fmt::Debug for PubSubConfig {
             .field("max_subscriptions", &self.max_subscriptions)
             .field("max_history", &self.max_history)
             .field("max_members", &self.max_members)
+            .field("max_history_bytes", &self.max_history_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -269,6 +281,13 @@ impl PubSubConfig {
     #[must_use]
     pub fn max_members(mut self, max: usize) -> Self {
         self.max_members = max;
+        self
+    }
+
+    /// Sets [`max_history_bytes`](Self::max_history_bytes).
+    #[must_use]
+    pub fn max_history_bytes(mut self, bytes: usize) -> Self {
+        self.max_history_bytes = bytes;
         self
     }
 
@@ -528,7 +547,10 @@ impl PubSub {
     ///
     /// [`Error::Config`] for an invalid configuration (see [`Topics::new`]).
     pub fn new(config: PubSubConfig) -> Result<PubSub, Error> {
-        let broker = Arc::new(InProcess::new(config.max_topics));
+        let broker = Arc::new(InProcess::with_limits(
+            config.max_topics,
+            config.max_history_bytes,
+        ));
         Self::with_broker(config, broker)
     }
 

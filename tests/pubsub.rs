@@ -867,3 +867,39 @@ async fn the_example_serves_the_protocol_with_its_flags() {
     assert_eq!(join["topic"], "news");
     drop(server);
 }
+
+/// A client that fills the history with large messages: the node keeps at
+/// most `max_history_bytes`, the publish past it gets `limit`, and the
+/// connection goes on.
+#[tokio::test]
+async fn a_history_flood_is_refused_with_limit() {
+    let pubsub = PubSub::new(PubSubConfig::default().max_history_bytes(32 * 1024)).unwrap();
+    let server = TestServer::start(server(&pubsub)).await;
+    let mut peer = Peer::connect(&server, "/pubsub").await;
+    let big = "x".repeat(4096);
+    let mut kept = 0;
+    let refused = loop {
+        let reply = peer
+            .call(json!({"op": "publish", "topic": format!("t{}", kept % 4), "data": big}))
+            .await;
+        if reply["ok"] == false {
+            break reply;
+        }
+        kept += 1;
+        assert!(kept < 100, "never refused");
+    };
+    assert_eq!(error_code(&refused), "limit");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("32768 bytes"),
+        "{refused}"
+    );
+    assert!((6..=8).contains(&kept), "{kept} kept");
+    // Reading the history and subscribing still work.
+    let reply = peer.call(json!({"op": "history", "topic": "t0"})).await;
+    assert_eq!(reply["ok"], true);
+    peer.subscribe("t0").await;
+    server.shutdown().await;
+}
