@@ -19,7 +19,7 @@
 //! > {"op":"message","topic":"news","epoch":"5c1f0e9a7b2d4c81","seq":1,"data":{"text":"hello"}}
 //! > {"id":2,"ok":true,"seq":1}
 //! {"id":3,"op":"presence","topic":"news"}
-//! > {"id":3,"ok":true,"members":[{"client":"c1","info":{"name":"guest"}}]}
+//! > {"id":3,"ok":true,"count":1,"members":[{"client":"c1","info":{"name":"guest"}}]}
 //! {"id":4,"op":"history","topic":"news","limit":10}
 //! > {"id":4,"ok":true,"epoch":"5c1f0e9a7b2d4c81","messages":[{"op":"message",...,"seq":1,...}]}
 //! ```

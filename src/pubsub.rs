@@ -1000,7 +1000,11 @@ impl Connection {
                 let topic = topic()?;
                 let members = self.pubsub.presence(&topic).await?;
                 let list: Vec<String> = members.iter().map(encode_member).collect();
-                Ok(format!(r#","members":[{}]"#, list.join(",")))
+                Ok(format!(
+                    r#","count":{},"members":[{}]"#,
+                    list.len(),
+                    list.join(",")
+                ))
             }
             "history" => {
                 let topic = topic()?;

@@ -164,6 +164,7 @@ async fn subscribe_publish_unsubscribe_presence_and_history() {
     // Presence lists both, with what the handshake attached.
     let reply = ann.call(json!({"op": "presence", "topic": "news"})).await;
     assert_eq!(reply["ok"], true);
+    assert_eq!(reply["count"], 2, "{reply}");
     let mut members: Vec<Value> = reply["members"].as_array().unwrap().clone();
     members.sort_by_key(|m| m["info"]["name"].as_str().unwrap().to_string());
     assert_eq!(members.len(), 2, "{reply}");
