@@ -41,9 +41,10 @@ pub struct TopicConfig {
     /// The topic's local hub: buffer capacity and slow-client policy.
     ///
     /// Default: [`HubConfig::default`] with a capacity of 256 messages
-    /// (`Suspend`). A hub's buffer is allocated when the topic is created,
+    /// (`Suspend`). A hub's buffer is reserved when the topic is created,
     /// about 64 bytes a slot: 16 KiB per topic here, against 64 KiB for a
-    /// plain hub's 1,024, since a node may hold thousands of topics. A
+    /// plain hub's 1,024, since a node may hold thousands of topics (pages
+    /// become resident as the buffer fills). A
     /// larger buffer absorbs longer bursts before the policy acts. Its
     /// `lag_notice` is replaced by the protocol's `gap` push.
     pub hub: HubConfig,
