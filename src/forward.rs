@@ -128,7 +128,7 @@ impl Forwarding {
 
     /// Waits for the next item (the path of a send task with one
     /// subscription: the hub's own receive future).
-    async fn next(&mut self) -> Item {
+    pub(crate) async fn next(&mut self) -> Item {
         if let Some(msg) = self.topic.as_mut().and_then(|t| t.backlog.pop_front()) {
             return Item::Backlog(msg);
         }

@@ -189,7 +189,9 @@ pub use message::{
 };
 pub use metrics::{Metrics, MetricsBuilder};
 pub use policy::{ParsePolicyError, Policy};
-pub use pubsub::{Client, PubSub, PubSubConfig, PubSubError, SUBPROTOCOL, Subscribed, TopicConfig};
+pub use pubsub::{
+    Client, PubSub, PubSubConfig, PubSubError, SUBPROTOCOL, Subscribed, TopicConfig, TopicReceiver,
+};
 pub use request::Request;
 pub use server::{HandlerOutput, Rejection, Server};
 pub use session::{ForwardId, Outgoing, Session};

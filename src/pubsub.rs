@@ -22,8 +22,8 @@ use crate::broker::{
 };
 use crate::config::HubConfig;
 use crate::error::Error;
-use crate::forward::TopicStart;
-use crate::hub::{Hub, Subscription};
+use crate::forward::{Forwarding, Item, NewForward, TopicStart};
+use crate::hub::{Hub, RecvError, Subscription, TryRecvError};
 use crate::message::{CloseCode, CloseReason, Message, close_reason};
 use crate::metrics::Metrics;
 use crate::request::Request;
@@ -480,6 +480,37 @@ impl Subscribed {
         &self.backlog
     }
 
+    /// Reads the topic here, in this process, instead of forwarding it to a
+    /// session: the same pushes a client would get, in the same order.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use wshub::{Data, PubSub, PubSubConfig, TopicConfig};
+    ///
+    /// let pubsub = PubSub::new(PubSubConfig::default().topic(TopicConfig::default().replay(1))).unwrap();
+    /// pubsub.publish("news", Data::json("first").unwrap()).await.unwrap();
+    /// let mut news = pubsub.subscribe("news", None).await.unwrap().into_receiver();
+    /// pubsub.publish("news", Data::json("second").unwrap()).await.unwrap();
+    /// for seq in [1, 2] {
+    ///     let push: serde_json::Value = serde_json::from_str(news.recv().await.unwrap().to_text().unwrap()).unwrap();
+    ///     assert_eq!((push["op"].as_str(), push["seq"].as_u64()), (Some("message"), Some(seq)));
+    /// }
+    /// # }
+    /// ```
+    pub fn into_receiver(self) -> TopicReceiver {
+        let start = TopicStart {
+            backlog: self.backlog,
+            seq: self.position.seq,
+        };
+        TopicReceiver {
+            fwd: Forwarding::new(NewForward {
+                sub: self.subscription,
+                key: 0,
+                topic: Some(start),
+            }),
+        }
+    }
+
     /// Has `out`'s send task write the backlog, then forward the topic's
     /// messages after it, with no gap and no duplicate between the two.
     ///
@@ -492,6 +523,54 @@ impl Subscribed {
             seq: self.position.seq,
         };
         out.forward_from(self.subscription, Some(start)).await
+    }
+}
+
+/// A topic read in this process ([`Subscribed::into_receiver`]): its
+/// backlog, then its pushes (`message`, `gap`, `join`, `leave`) as the
+/// protocol's text, each topic's `seq` strictly increasing and every jump
+/// announced by a `gap` with the count skipped.
+///
+/// Read it, or drop it: under [`Suspend`](crate::Policy::Suspend) an
+/// unread receiver holds the topic's publishers back, as a hub
+/// [`Subscription`] does.
+pub struct TopicReceiver {
+    fwd: Forwarding,
+}
+
+impl fmt::Debug for TopicReceiver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TopicReceiver").finish_non_exhaustive()
+    }
+}
+
+impl TopicReceiver {
+    /// Waits for the next push.
+    ///
+    /// # Errors
+    ///
+    /// [`RecvError::Lagged`] under [`Policy::Disconnect`](crate::Policy::Disconnect)
+    /// when this receiver fell behind (a session would be closed);
+    /// [`RecvError::Closed`] if the topic's hub is closed.
+    pub async fn recv(&mut self) -> Result<Message, RecvError> {
+        match self.fwd.next().await {
+            Item::Backlog(msg) | Item::Live(Ok(msg)) => Ok(msg),
+            Item::Live(Err(err)) => Err(err),
+        }
+    }
+
+    /// The next push if one is waiting.
+    ///
+    /// # Errors
+    ///
+    /// As [`recv`](Self::recv), plus [`TryRecvError::Empty`].
+    pub fn try_recv(&mut self) -> Result<Message, TryRecvError> {
+        match self.fwd.try_next() {
+            Some(Item::Backlog(msg) | Item::Live(Ok(msg))) => Ok(msg),
+            Some(Item::Live(Err(RecvError::Lagged(n)))) => Err(TryRecvError::Lagged(n)),
+            Some(Item::Live(Err(RecvError::Closed))) => Err(TryRecvError::Closed),
+            None => Err(TryRecvError::Empty),
+        }
     }
 }
 

@@ -904,3 +904,76 @@ async fn a_history_flood_is_refused_with_limit() {
     peer.subscribe("t0").await;
     server.shutdown().await;
 }
+
+fn parse(msg: Message) -> Value {
+    serde_json::from_str(msg.to_text().unwrap()).unwrap()
+}
+
+/// A topic read in process: resume from a position while a publisher
+/// runs, then fall behind under DropOldest; every seq is there once, or
+/// counted in a gap.
+#[tokio::test]
+async fn a_topic_can_be_read_in_process_with_the_same_guarantees() {
+    let pubsub = PubSub::new(
+        PubSubConfig::default().topic(
+            TopicConfig::default()
+                .history(1_000)
+                .hub(HubConfig::default().capacity(16).policy(Policy::DropOldest)),
+        ),
+    )
+    .unwrap();
+    let mut at = None;
+    for i in 1..=100u64 {
+        at = Some(
+            pubsub
+                .publish("feed", Data::json(&i).unwrap())
+                .await
+                .unwrap(),
+        );
+    }
+    let at = at.unwrap();
+    let since = Position {
+        epoch: at.epoch.clone(),
+        seq: 40,
+    };
+    let publisher = tokio::spawn({
+        let pubsub = pubsub.clone();
+        async move {
+            for i in 101..=600u64 {
+                let _ = pubsub
+                    .publish("feed", Data::json(&i).unwrap())
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    let subscribed = pubsub.subscribe("feed", Some(&since)).await.unwrap();
+    assert!(subscribed.recovered);
+    let mut feed = subscribed.into_receiver();
+    let mut expect = 41;
+    let mut gaps = 0;
+    while expect <= 600 {
+        let push = parse(within("the next push", feed.recv()).await.unwrap());
+        match push["op"].as_str() {
+            Some("message") => {
+                assert_eq!(push["seq"], expect, "{push}");
+                expect += 1;
+            }
+            Some("gap") => {
+                gaps += 1;
+                expect += push["missed"].as_u64().unwrap();
+            }
+            _ => panic!("{push}"),
+        }
+        if expect % 97 == 0 {
+            // Fall behind for a while: the 16-slot buffer lets go.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(expect, 601);
+    within("the publisher", publisher).await.unwrap();
+    // The publisher runs ahead whenever the reader waits: 500 messages
+    // into 16 slots cannot all be kept.
+    assert!(gaps >= 1, "the reader was expected to fall behind");
+    assert!(matches!(feed.try_recv(), Err(wshub::TryRecvError::Empty)));
+}
