@@ -341,19 +341,13 @@ impl Delivery {
             return;
         }
         if let Some(hub) = self.hub.upgrade() {
-            let push = match &member.info {
-                Some(info) => format!(
-                    r#"{{"op":"join","topic":{},"client":{},"info":{}}}"#,
-                    json_str(&self.topic),
-                    json_str(&member.client),
-                    info.as_str()
-                ),
-                None => format!(
-                    r#"{{"op":"join","topic":{},"client":{}}}"#,
-                    json_str(&self.topic),
-                    json_str(&member.client)
-                ),
-            };
+            // The member's own object, its fields after the op and topic.
+            let fields = encode_member(member);
+            let push = format!(
+                r#"{{"op":"join","topic":{},{}"#,
+                json_str(&self.topic),
+                &fields[1..]
+            );
             let _ = hub.publish_seq(Message::text(push), 0).await;
         }
     }
@@ -372,6 +366,18 @@ impl Delivery {
             );
             let _ = hub.publish_seq(Message::text(push), 0).await;
         }
+    }
+}
+
+/// A member as the protocol lists it: `{"client": ..., "info": ...}`.
+pub(crate) fn encode_member(member: &Member) -> String {
+    match &member.info {
+        Some(info) => format!(
+            r#"{{"client":{},"info":{}}}"#,
+            json_str(&member.client),
+            info.as_str()
+        ),
+        None => format!(r#"{{"client":{}}}"#, json_str(&member.client)),
     }
 }
 

@@ -1079,7 +1079,7 @@ impl Connection {
             "presence" => {
                 let topic = topic()?;
                 let members = self.pubsub.presence(&topic).await?;
-                let list: Vec<String> = members.iter().map(encode_member).collect();
+                let list: Vec<String> = members.iter().map(broker::encode_member).collect();
                 Ok(format!(
                     r#","count":{},"members":[{}]"#,
                     list.len(),
@@ -1180,17 +1180,6 @@ fn push_of(topic: &str, epoch: &Epoch, entry: &broker::Entry) -> Message {
 
 fn is_number(text: &str) -> bool {
     text.starts_with(|c: char| c == '-' || c.is_ascii_digit())
-}
-
-fn encode_member(member: &Member) -> String {
-    match &member.info {
-        Some(info) => format!(
-            r#"{{"client":{},"info":{}}}"#,
-            broker::json_str(&member.client),
-            info.as_str()
-        ),
-        None => format!(r#"{{"client":{}}}"#, broker::json_str(&member.client)),
-    }
 }
 
 fn error_reply(id: &str, err: &PubSubError) -> Message {
