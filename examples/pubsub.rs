@@ -1,11 +1,19 @@
 //! The pub/sub protocol (topics, history, resume, presence) over one
-//! WebSocket, on the embedded broker.
+//! WebSocket, on the embedded broker, or on Redis for several nodes.
 //!
 //! Run it:
 //!
 //! ```text
 //! cargo run --release --example pubsub
 //! cargo run --release --example pubsub -- --addr 127.0.0.1:9002 --history 500 --replay 10
+//! ```
+//!
+//! Several nodes sharing topics, history and presence through a Redis
+//! (each on its own port; a client may resume on any of them):
+//!
+//! ```text
+//! cargo run --release --features redis --example pubsub -- --redis redis://127.0.0.1:6379 --addr 127.0.0.1:8081
+//! cargo run --release --features redis --example pubsub -- --redis redis://127.0.0.1:6379 --addr 127.0.0.1:8082
 //! ```
 //!
 //! Then talk to `ws://127.0.0.1:8080/pubsub` with `websocat` (each line you
@@ -75,6 +83,40 @@ struct Args {
     /// Messages one client may publish at once after a quiet spell.
     #[arg(long, default_value_t = 40)]
     publish_burst: u32,
+    /// A Redis to share topics with other nodes (`redis://host:port`);
+    /// without it, the embedded broker. Needs `--features redis`.
+    #[arg(long)]
+    redis: Option<String>,
+    /// With `--redis`: how long, in seconds, a node's presence entries
+    /// outlive it when it dies.
+    #[arg(long, default_value_t = 10.0)]
+    presence_lease: f64,
+}
+
+/// The broker `--redis` names, if any.
+#[cfg(feature = "redis")]
+async fn broker(
+    args: &Args,
+) -> Result<Option<std::sync::Arc<dyn wshub::Broker>>, Box<dyn std::error::Error>> {
+    let Some(url) = &args.redis else {
+        return Ok(None);
+    };
+    let lease = Duration::try_from_secs_f64(args.presence_lease)
+        .map_err(|err| format!("--presence-lease {}: {err}", args.presence_lease))?;
+    let config = wshub::RedisConfig::default().lease(lease);
+    let broker = wshub::RedisBroker::connect(url, config).await?;
+    tracing::info!(node = broker.node(), "on Redis at {url}");
+    Ok(Some(std::sync::Arc::new(broker)))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn broker(
+    args: &Args,
+) -> Result<Option<std::sync::Arc<dyn wshub::Broker>>, Box<dyn std::error::Error>> {
+    match &args.redis {
+        None => Ok(None),
+        Some(_) => Err("--redis needs the redis feature: cargo run --features redis --example pubsub -- --redis URL".into()),
+    }
 }
 
 #[tokio::main]
@@ -85,23 +127,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
 
     let metrics = Metrics::new();
-    let pubsub = PubSub::new(
-        PubSubConfig::default()
-            .topic(
-                TopicConfig::default()
-                    .history(args.history)
-                    .history_ttl(Duration::from_secs(args.history_ttl))
-                    .replay(args.replay)
-                    .presence_events(true),
-            )
-            .metrics(Some(metrics.clone()))
-            .client_info(|request| {
-                let name = request
-                    .query_param("name")
-                    .unwrap_or_else(|| "guest".into());
-                Data::json(&serde_json::json!({ "name": name })).ok()
-            }),
-    )?;
+    let config = PubSubConfig::default()
+        .topic(
+            TopicConfig::default()
+                .history(args.history)
+                .history_ttl(Duration::from_secs(args.history_ttl))
+                .replay(args.replay)
+                .presence_events(true),
+        )
+        .metrics(Some(metrics.clone()))
+        .client_info(|request| {
+            let name = request
+                .query_param("name")
+                .unwrap_or_else(|| "guest".into());
+            Data::json(&serde_json::json!({ "name": name })).ok()
+        });
+    let pubsub = match broker(&args).await? {
+        Some(broker) => PubSub::with_broker(config, broker)?,
+        None => PubSub::new(config)?,
+    };
     let publish_rate =
         (args.publish_rate > 0).then(|| RateLimit::new(args.publish_rate, args.publish_burst));
     let server = Server::new()

@@ -219,11 +219,13 @@ pub enum BrokerError {
 pub trait Broker: Send + Sync + 'static {
     /// Starts delivering `topic` to this node through `delivery` (replacing
     /// an earlier delivery of the topic, which is dead by then). Resolves once
-    /// deliveries are assured.
+    /// deliveries are assured. `keep` is the topic's retention, for a broker
+    /// that reads its history back to catch up.
     fn watch<'a>(
         &'a self,
         topic: &'a str,
         delivery: Delivery,
+        keep: Retention,
     ) -> BoxFuture<'a, Result<(), BrokerError>>;
 
     /// The node's delivery of `topic` has no subscriber left. Called from
@@ -268,6 +270,14 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Who is in `topic`'s presence now.
     fn members<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<Vec<Member>, BrokerError>>;
+
+    /// The client id of this node's session `session`: unique among every
+    /// node of the broker. The default, `c` and the session id, is unique
+    /// within one process only; a broker shared by several nodes adds the
+    /// node's own id.
+    fn client_id(&self, session: u64) -> Arc<str> {
+        format!("c{session}").into()
+    }
 }
 
 /// A node's end of a watched topic: what the broker calls to deliver.
@@ -326,11 +336,17 @@ impl Delivery {
         }
     }
 
-    /// Tells the node's subscribers that `missed` messages are lost for
-    /// good (a broker that could not deliver some).
-    pub async fn gap(&self, missed: u64) {
+    /// Ends the node's subscriptions of the topic: its history started
+    /// afresh (a broker that lost its data gives the topic a new epoch), so
+    /// the sequence numbers its subscribers hold no longer follow on. Each
+    /// session subscribed to it closes with 1001 (going away), and a
+    /// client that comes back with its position learns, from the subscribe
+    /// reply, that the epoch changed; an in-process reader gets
+    /// [`RecvError::Closed`](crate::RecvError::Closed). The next subscriber
+    /// gets a new local hub.
+    pub fn restart(&self) {
         if let Some(hub) = self.hub.upgrade() {
-            let _ = hub.publish_seq(encode_gap(&self.topic, missed), 0).await;
+            hub.close();
         }
     }
 
@@ -814,6 +830,7 @@ impl Broker for InProcess {
         &'a self,
         topic: &'a str,
         delivery: Delivery,
+        _: Retention,
     ) -> BoxFuture<'a, Result<(), BrokerError>> {
         Box::pin(async move {
             let log = self.log(topic)?;

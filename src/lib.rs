@@ -170,6 +170,8 @@ mod message;
 mod metrics;
 mod policy;
 mod pubsub;
+#[cfg(feature = "redis")]
+mod redis_broker;
 mod request;
 mod server;
 mod session;
@@ -192,6 +194,8 @@ pub use policy::{ParsePolicyError, Policy};
 pub use pubsub::{
     Client, PubSub, PubSubConfig, PubSubError, SUBPROTOCOL, Subscribed, TopicConfig, TopicReceiver,
 };
+#[cfg(feature = "redis")]
+pub use redis_broker::{RedisBroker, RedisConfig};
 pub use request::Request;
 pub use server::{HandlerOutput, Rejection, Server};
 pub use session::{ForwardId, Outgoing, Session};

@@ -808,7 +808,9 @@ impl PubSub {
             .watched
             .get_or_try_init(|| {
                 let delivery = Delivery::new(topic, &hub, local.config.presence_events);
-                self.inner.broker.watch(topic, delivery)
+                self.inner
+                    .broker
+                    .watch(topic, delivery, local.config.retention())
             })
             .await?;
         let config = local.config.clone();
@@ -843,7 +845,7 @@ impl PubSub {
     pub async fn serve(&self, mut session: Session) -> CloseReason {
         let request = session.request_arc();
         let client = Client {
-            id: format!("c{}", session.id()).into(),
+            id: self.inner.broker.client_id(session.id()),
             info: self
                 .inner
                 .config

@@ -259,7 +259,13 @@ impl Topics {
     pub fn hub(&self, name: &str) -> Result<Hub, TopicError> {
         self.check_name(name)?;
         let mut hubs = self.lock();
-        if let Some(hub) = hubs.get(name).and_then(WeakHub::upgrade) {
+        // A closed hub (a topic whose broker restarted it) serves its
+        // subscribers' last messages; a new subscriber gets a new one.
+        if let Some(hub) = hubs
+            .get(name)
+            .and_then(WeakHub::upgrade)
+            .filter(|hub| !hub.is_closed())
+        {
             return Ok(hub);
         }
         let max = self.shared.config.max_topics;

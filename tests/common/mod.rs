@@ -15,7 +15,10 @@ use wshub::{Hub, Server, Session};
 mod frames;
 #[allow(unused_imports)] // as dead_code above: each test binary uses its own part
 pub use frames::{MASK, client_frame, frame_header, masked};
+pub mod peer;
 pub mod process;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 /// How long one step of a test may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(5);

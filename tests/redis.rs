@@ -1,0 +1,577 @@
+//! Many nodes on one Redis: each test starts its own `redis-server` on a
+//! free loopback port (see `tests/common/redis.rs`) and two or three wshub
+//! nodes on it, in this process or as the `pubsub` example's processes;
+//! clients speak the protocol over real sockets. Every wait is bounded.
+#![cfg(feature = "redis")]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::peer::Peer;
+use common::process::{ExampleProcess, build_example};
+use common::redis::{Proxy, RedisServer};
+use common::{wait_for, within, within_for};
+use serde_json::{Value, json};
+use wshub::testing::TestServer;
+use wshub::{
+    BrokerError, Config, Data, PubSub, PubSubConfig, PubSubError, RedisBroker, RedisConfig, Server,
+    TopicConfig,
+};
+
+/// Timers short enough for tests: calls bounded at 500 ms, leases of
+/// 1.5 s, a probe every 100 ms that may take 400 ms.
+fn fast() -> RedisConfig {
+    RedisConfig::default()
+        .timeout(Duration::from_millis(500))
+        .lease(Duration::from_millis(1500))
+        .probe(Duration::from_millis(100), Duration::from_millis(400))
+        .max_backoff(Duration::from_millis(200))
+}
+
+struct Node {
+    pubsub: PubSub,
+    broker: Arc<RedisBroker>,
+    server: TestServer,
+}
+
+impl Node {
+    async fn start(url: &str, config: PubSubConfig) -> Node {
+        Self::start_with(url, config, fast()).await
+    }
+
+    async fn start_with(url: &str, config: PubSubConfig, redis: RedisConfig) -> Node {
+        let broker = Arc::new(
+            within("connect to Redis", RedisBroker::connect(url, redis))
+                .await
+                .expect("connect"),
+        );
+        let pubsub = PubSub::with_broker(config, broker.clone()).unwrap();
+        let server = Server::new()
+            .config(Config::default().close_timeout(Duration::from_millis(200)))
+            .pubsub("/pubsub", &pubsub);
+        let server = TestServer::start(server).await;
+        Node {
+            pubsub,
+            broker,
+            server,
+        }
+    }
+
+    async fn peer(&self) -> Peer {
+        Peer::connect(&self.server, "/pubsub").await
+    }
+}
+
+#[allow(dead_code)]
+fn named() -> PubSubConfig {
+    PubSubConfig::default()
+        .client_info(|request| Data::json(&json!({"name": request.query_param("name")?})).ok())
+}
+
+/// The next `n` message pushes of `topic` (failing on a gap).
+async fn messages(peer: &mut Peer, n: usize) -> Vec<Value> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let push = within("a message push", peer.push()).await;
+        match push["op"].as_str() {
+            Some("message") => got.push(push),
+            Some("join" | "leave") => {}
+            _ => panic!("unexpected push after {} messages: {push}", got.len()),
+        }
+    }
+    got
+}
+
+fn seqs(pushes: &[Value]) -> Vec<u64> {
+    pushes.iter().map(|p| p["seq"].as_u64().unwrap()).collect()
+}
+
+/// How many clients Redis has of `kind` (`pubsub`, `normal`).
+async fn clients(redis: &RedisServer, kind: &str) -> usize {
+    let mut conn = redis.conn().await;
+    let list: String = ::redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("TYPE")
+        .arg(kind)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    list.lines().count()
+}
+
+async fn subscribers_of(redis: &RedisServer, channel: &str) -> i64 {
+    let mut conn = redis.conn().await;
+    let counts: Vec<(String, i64)> = ::redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(channel)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    counts[0].1
+}
+
+#[tokio::test]
+async fn three_nodes_deliver_one_order_with_the_same_epoch_and_seq() {
+    let redis = RedisServer::start();
+    let nodes = [
+        Node::start(&redis.url(), PubSubConfig::default()).await,
+        Node::start(&redis.url(), PubSubConfig::default()).await,
+        Node::start(&redis.url(), PubSubConfig::default()).await,
+    ];
+    let mut readers = Vec::new();
+    for node in &nodes {
+        for _ in 0..2 {
+            let mut peer = node.peer().await;
+            let reply = peer.subscribe("news").await;
+            assert_eq!(reply["seq"], 0, "{reply}");
+            readers.push(peer);
+        }
+    }
+    // Two publishers on two nodes at once.
+    let per = 150;
+    let mut publishers = Vec::new();
+    for (i, node) in nodes[..2].iter().enumerate() {
+        let mut peer = node.peer().await;
+        publishers.push(tokio::spawn(async move {
+            for n in 0..per {
+                peer.publish("news", json!({"from": i, "n": n})).await;
+            }
+        }));
+    }
+    for publisher in publishers {
+        within_for(Duration::from_secs(20), "publishers", publisher)
+            .await
+            .unwrap();
+    }
+    let mut first: Option<Vec<Value>> = None;
+    for reader in &mut readers {
+        let got = messages(reader, 2 * per).await;
+        assert_eq!(seqs(&got), (1..=2 * per as u64).collect::<Vec<_>>());
+        let epochs: std::collections::HashSet<_> = got.iter().map(|p| p["epoch"].clone()).collect();
+        assert_eq!(epochs.len(), 1, "one epoch");
+        // Each publisher's own messages in its order.
+        for i in 0..2 {
+            let ns: Vec<_> = got
+                .iter()
+                .filter(|p| p["data"]["from"] == i)
+                .map(|p| p["data"]["n"].as_u64().unwrap())
+                .collect();
+            assert_eq!(ns, (0..per as u64).collect::<Vec<_>>());
+        }
+        match &first {
+            None => first = Some(got),
+            Some(first) => assert_eq!(first, &got, "every reader, every node: one order"),
+        }
+    }
+    for node in &nodes {
+        assert_eq!(node.broker.watched(), 1);
+    }
+}
+
+#[tokio::test]
+async fn a_node_subscribes_while_it_has_subscribers_over_one_connection() {
+    let redis = RedisServer::start();
+    let node = Node::start(&redis.url(), PubSubConfig::default()).await;
+    assert_eq!(subscribers_of(&redis, "wshub:{t0}").await, 0);
+    // Many topics at once, from one client: one subscription connection.
+    let mut peer = node.peer().await;
+    for i in 0..60 {
+        peer.subscribe(&format!("t{i}")).await;
+    }
+    assert_eq!(node.broker.watched(), 60);
+    assert_eq!(
+        clients(&redis, "pubsub").await,
+        1,
+        "one subscription connection"
+    );
+    for i in [0, 59] {
+        assert_eq!(subscribers_of(&redis, &format!("wshub:{{t{i}}}")).await, 1);
+    }
+    // No pattern subscription.
+    let mut conn = redis.conn().await;
+    let patterns: i64 = ::redis::cmd("PUBSUB")
+        .arg("NUMPAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(patterns, 0);
+    // The last local subscriber leaves: the node unsubscribes.
+    let reply = peer.call(json!({"op": "unsubscribe", "topic": "t0"})).await;
+    assert_eq!(reply["ok"], true);
+    within("unsubscribed from t0", async {
+        while subscribers_of(&redis, "wshub:{t0}").await != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    drop(peer);
+    within("every topic unwatched", async {
+        while subscribers_of(&redis, "wshub:{t59}").await != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(node.broker.watched(), 0);
+}
+
+#[tokio::test]
+async fn a_client_resumes_on_another_node() {
+    let redis = RedisServer::start();
+    let a = Node::start(&redis.url(), PubSubConfig::default()).await;
+    let b = Node::start(&redis.url(), PubSubConfig::default()).await;
+    let mut client = a.peer().await;
+    client.subscribe("room").await;
+    for n in 0..10 {
+        a.pubsub
+            .publish("room", Data::json(&n).unwrap())
+            .await
+            .unwrap();
+    }
+    let got = messages(&mut client, 10).await;
+    let last = got.last().unwrap().clone();
+    drop(client);
+    // Published on a, while the client is away.
+    for n in 10..30 {
+        a.pubsub
+            .publish("room", Data::json(&n).unwrap())
+            .await
+            .unwrap();
+    }
+    let mut client = b.peer().await;
+    let reply = client
+        .call(json!({"op": "subscribe", "topic": "room",
+                     "since": {"epoch": last["epoch"], "seq": last["seq"]}}))
+        .await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["recovered"], true, "{reply}");
+    assert_eq!(reply["epoch"], last["epoch"]);
+    b.pubsub
+        .publish("room", Data::json(&30).unwrap())
+        .await
+        .unwrap();
+    let got = messages(&mut client, 21).await;
+    assert_eq!(seqs(&got), (11..=31).collect::<Vec<_>>());
+    assert_eq!(got[0]["data"], 10);
+}
+
+/// Publishes `data` on `topic` from the library, every `every`, until
+/// stopped: returns the positions it got.
+fn publisher(
+    node: &Node,
+    topic: &'static str,
+    every: Duration,
+) -> (
+    tokio::task::JoinHandle<(Vec<u64>, usize)>,
+    Arc<std::sync::atomic::AtomicBool>,
+) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pubsub = node.pubsub.clone();
+    let flag = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut seqs = Vec::new();
+        let mut failed = 0;
+        let mut n = 0u64;
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            match pubsub.publish(topic, Data::json(&n).unwrap()).await {
+                Ok(at) => seqs.push(at.seq),
+                Err(_) => failed += 1,
+            }
+            n += 1;
+            tokio::time::sleep(every).await;
+        }
+        (seqs, failed)
+    });
+    (task, stop)
+}
+
+#[tokio::test]
+async fn a_subscription_killed_by_redis_catches_up_with_no_gap() {
+    let redis = RedisServer::start();
+    let a = Node::start(&redis.url(), PubSubConfig::default()).await;
+    let b = Node::start(&redis.url(), PubSubConfig::default()).await;
+    let mut reader = b.peer().await;
+    reader.subscribe("feed").await;
+    let (task, stop) = publisher(&a, "feed", Duration::from_millis(2));
+    let mut conn = redis.conn().await;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let killed: i64 = ::redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(killed >= 2, "both nodes' subscriptions cut ({killed})");
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (published, failed) = task.await.unwrap();
+    assert_eq!(failed, 0, "publishing never depended on the subscription");
+    let last = *published.last().unwrap();
+    let got = messages(&mut reader, last as usize).await;
+    assert_eq!(
+        seqs(&got),
+        (1..=last).collect::<Vec<_>>(),
+        "every seq once, in order, no gap"
+    );
+}
+
+#[tokio::test]
+async fn a_silent_subscription_is_noticed_and_caught_up() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.addr).await;
+    let history = 40;
+    let config = PubSubConfig::default().topic(TopicConfig::default().history(history));
+    let a = Node::start(&redis.url(), config.clone()).await;
+    let b = Node::start(&proxy.url(), config).await;
+    let mut reader = b.peer().await;
+    reader.subscribe("feed").await;
+    assert!(b.broker.is_subscribed());
+
+    // Silent while the history covers it: caught up, no gap.
+    assert_eq!(proxy.freeze_subscribers(), 1);
+    for n in 0..25 {
+        a.pubsub
+            .publish("feed", Data::json(&n).unwrap())
+            .await
+            .unwrap();
+    }
+    let got = messages(&mut reader, 25).await;
+    assert_eq!(seqs(&got), (1..=25).collect::<Vec<_>>());
+
+    // Silent past the history: the exact gap, then what it keeps.
+    wait_for(
+        "the subscription is back",
+        || b.broker.is_subscribed(),
+        |up| *up,
+    )
+    .await;
+    assert_eq!(proxy.freeze_subscribers(), 1);
+    for n in 25..125 {
+        a.pubsub
+            .publish("feed", Data::json(&n).unwrap())
+            .await
+            .unwrap();
+    }
+    let gap = within("the gap", reader.push()).await;
+    assert_eq!(gap["op"], "gap", "{gap}");
+    assert_eq!(gap["missed"], 100 - history as u64);
+    let got = messages(&mut reader, history).await;
+    assert_eq!(seqs(&got), (86..=125).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn redis_closing_a_slow_subscriber_is_survived() {
+    // Redis closes a pub/sub client whose output passes 32 KB at once.
+    let redis = RedisServer::start_with(&["--client-output-buffer-limit", "pubsub 32kb 16kb 60"]);
+    let a = Node::start(&redis.url(), PubSubConfig::default()).await;
+    let b = Node::start(&redis.url(), PubSubConfig::default()).await;
+    let mut reader = b.peer().await;
+    reader.subscribe("big").await;
+    let big = "x".repeat(100 * 1024);
+    for n in 0..5 {
+        a.pubsub
+            .publish("big", Data::json(&json!({"n": n, "pad": big})).unwrap())
+            .await
+            .unwrap();
+        // Each one closes both nodes' subscriptions; the next waits for b's.
+        wait_for("b subscribed again", || b.broker.is_subscribed(), |up| *up).await;
+    }
+    let got = messages(&mut reader, 5).await;
+    assert_eq!(seqs(&got), vec![1, 2, 3, 4, 5]);
+    assert!(
+        redis.log().contains("output buffer limits"),
+        "Redis closed the slow subscribers: {}",
+        redis.log()
+    );
+    assert!(b.broker.subscription_losses() >= 1);
+}
+
+#[tokio::test]
+async fn redis_killed_and_restarted_without_data() {
+    let mut redis = RedisServer::start();
+    let a = Node::start(&redis.url(), PubSubConfig::default()).await;
+    let b = Node::start(&redis.url(), PubSubConfig::default()).await;
+    let mut reader = b.peer().await;
+    let mut writer = a.peer().await;
+    reader.subscribe("t").await;
+    for n in 0..5 {
+        writer.publish("t", json!(n)).await;
+    }
+    let got = messages(&mut reader, 5).await;
+    let old_epoch = got[0]["epoch"].clone();
+
+    redis.kill();
+    // During the outage: a clear error, within the bound, no hang.
+    let t0 = Instant::now();
+    let reply = writer
+        .call(json!({"op": "publish", "topic": "t", "data": 5}))
+        .await;
+    assert_eq!(reply["error"]["code"], "unavailable", "{reply}");
+    let err = a
+        .pubsub
+        .publish("t", Data::json(&6).unwrap())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PubSubError::Unavailable(_)), "{err:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "failed within the bound: {:?}",
+        t0.elapsed()
+    );
+    let reply = writer.call(json!({"op": "presence", "topic": "t"})).await;
+    assert_eq!(reply["error"]["code"], "unavailable", "{reply}");
+
+    redis.restart();
+    let back = Instant::now();
+    // Redis lost the topic: its local subscribers end, and a client that
+    // resumes learns the epoch changed.
+    let close = within_for(
+        Duration::from_secs(5),
+        "the reader's session ends",
+        reader.ws.expect_close(),
+    )
+    .await;
+    assert_eq!(close.map(|c| u16::from(c.code)), Some(1001));
+    let mut reader = b.peer().await;
+    let reply = within_for(Duration::from_secs(5), "publishing again", async {
+        loop {
+            let reply = writer
+                .call(json!({"op": "publish", "topic": "t", "data": 100}))
+                .await;
+            if reply["ok"] == true {
+                return reply;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_ne!(
+        reply["epoch"], old_epoch,
+        "a restart without data: a new epoch"
+    );
+    let reply = reader
+        .call(json!({"op": "subscribe", "topic": "t", "since": {"epoch": old_epoch, "seq": 5}}))
+        .await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["recovered"], false);
+    assert_ne!(reply["epoch"], old_epoch);
+    // What the new epoch keeps, then live, across nodes.
+    let seq = writer.publish("t", json!("again")).await;
+    let got = messages(&mut reader, 2).await;
+    assert_eq!(seqs(&got), vec![1, seq]);
+    assert_eq!(got[0]["data"], 100);
+    assert!(
+        back.elapsed() < Duration::from_secs(2),
+        "delivering {:?} after Redis came back",
+        back.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn the_library_gets_a_clear_error_while_redis_is_away() {
+    let mut redis = RedisServer::start();
+    let node = Node::start(&redis.url(), PubSubConfig::default()).await;
+    node.pubsub
+        .publish("x", Data::json(&1).unwrap())
+        .await
+        .unwrap();
+    redis.kill();
+    let t0 = Instant::now();
+    for _ in 0..3 {
+        match node.pubsub.publish("x", Data::json(&2).unwrap()).await {
+            Err(PubSubError::Unavailable(why)) => assert!(!why.is_empty()),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            node.pubsub.history("x", 10).await,
+            Err(PubSubError::Unavailable(_))
+        ));
+        assert!(matches!(
+            node.pubsub.subscribe("y", None).await,
+            Err(PubSubError::Unavailable(_))
+        ));
+    }
+    assert!(t0.elapsed() < Duration::from_secs(9), "{:?}", t0.elapsed());
+    // A node cannot start on a Redis that is not there.
+    let err = RedisBroker::connect(&redis.url(), fast())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, BrokerError::Unavailable(_)), "{err}");
+    let err = RedisBroker::connect("http://nope", fast())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("Redis URL"), "{err}");
+}
+
+#[tokio::test]
+async fn presence_spans_nodes_and_a_killed_node_leaves_no_ghost() {
+    let redis = RedisServer::start();
+    let binary = build_example("pubsub", &["redis"]);
+    let events = PubSubConfig::default()
+        .topic(TopicConfig::default().presence_events(true))
+        .client_info(|request| Data::json(&json!({"name": request.query_param("name")?})).ok());
+    let b = Node::start(&redis.url(), events).await;
+    let mut bob = Peer::connect(&b.server, "/pubsub?name=bob").await;
+    bob.subscribe("lobby").await;
+
+    let url = redis.url();
+    let mut node = ExampleProcess::start(
+        &binary,
+        &[
+            "--addr",
+            "127.0.0.1:0",
+            "--redis",
+            &url,
+            "--presence-lease",
+            "1.5",
+        ],
+        "pubsub on ws://",
+    )
+    .expect("start the pubsub example");
+    let mut ann = Peer::connect_url(&format!("ws://{}/pubsub?name=ann", node.addr)).await;
+    ann.subscribe("lobby").await;
+    let join = within("ann's join reaches bob's node", async {
+        loop {
+            let push = bob.push().await;
+            assert_eq!(push["op"], "join", "{push}");
+            if push["info"]["name"] == "ann" {
+                return push;
+            }
+        }
+    })
+    .await;
+    assert_eq!(join["info"]["name"], "ann");
+    let ann_id = join["client"].clone();
+    let reply = bob.call(json!({"op": "presence", "topic": "lobby"})).await;
+    assert_eq!(reply["count"], 2, "{reply}");
+    let names: Vec<_> = reply["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["info"]["name"].clone())
+        .collect();
+    assert!(
+        names.contains(&json!("ann")) && names.contains(&json!("bob")),
+        "{reply}"
+    );
+
+    // SIGKILL: ann's node leaves nothing behind, within its lease.
+    let t0 = Instant::now();
+    node.kill();
+    let leave = within_for(Duration::from_secs(5), "ann's leave", bob.push()).await;
+    assert_eq!(
+        leave,
+        json!({"op": "leave", "topic": "lobby", "client": ann_id})
+    );
+    let reply = bob.call(json!({"op": "presence", "topic": "lobby"})).await;
+    assert_eq!(reply["count"], 1, "{reply}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "gone {:?} after the kill",
+        t0.elapsed()
+    );
+}
