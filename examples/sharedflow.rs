@@ -23,6 +23,15 @@
 //! ws.onopen = () => ws.send("Hello");
 //! ```
 //!
+//! Several nodes, one conversation: with `--redis`, the hub becomes a topic
+//! (`sharedflow`) of a [`RedisBroker`](wshub::RedisBroker), and every
+//! message reaches every client of every node, in one order:
+//!
+//! ```text
+//! cargo run --release --features redis --example sharedflow -- --redis redis://127.0.0.1:6379 --addr 127.0.0.1:8081
+//! cargo run --release --features redis --example sharedflow -- --redis redis://127.0.0.1:6379 --addr 127.0.0.1:8082
+//! ```
+//!
 //! `/echo` answers each message to its sender only (for conformance suites);
 //! `http://127.0.0.1:8080/metrics` is the Prometheus scrape (the hub is
 //! labelled `hub="sharedflow"`): `curl -s 127.0.0.1:8080/metrics`.
@@ -59,6 +68,77 @@ struct Args {
     /// Messages one client may publish at once after a quiet spell.
     #[arg(long, default_value_t = 40)]
     publish_burst: u32,
+    /// A Redis to share the conversation with other nodes
+    /// (`redis://host:port`). Needs `--features redis`.
+    #[arg(long)]
+    redis: Option<String>,
+}
+
+/// With `--redis`: the topic every node shares, and what feeds the local
+/// hub from it.
+#[cfg(feature = "redis")]
+mod shared {
+    use std::sync::Arc;
+
+    use wshub::{Data, Hub, Message, PubSub, PubSubConfig, RecvError, RedisBroker, RedisConfig};
+
+    pub const TOPIC: &str = "sharedflow";
+
+    /// A node on the Redis at `url`; a task publishes the topic's messages,
+    /// as their text, into `hub`.
+    pub async fn start(url: &str, hub: Hub) -> Result<PubSub, Box<dyn std::error::Error>> {
+        let broker = RedisBroker::connect(url, RedisConfig::default()).await?;
+        tracing::info!(
+            node = broker.node(),
+            "sharing the hub through Redis at {url}"
+        );
+        let pubsub = PubSub::with_broker(PubSubConfig::default(), Arc::new(broker))?;
+        let node = pubsub.clone();
+        tokio::spawn(async move {
+            loop {
+                let mut topic = match node.subscribe(TOPIC, None).await {
+                    Ok(subscribed) => subscribed.into_receiver(),
+                    Err(err) => {
+                        tracing::warn!(%err, "subscribing to the shared topic; again in 1 s");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                loop {
+                    match topic.recv().await {
+                        Ok(Message::Text(push)) => {
+                            let push: serde_json::Value = match serde_json::from_str(&push) {
+                                Ok(push) => push,
+                                Err(_) => continue,
+                            };
+                            match (push["op"].as_str(), push["data"].as_str()) {
+                                (Some("message"), Some(text)) => {
+                                    let _ = hub.publish(text.to_owned()).await;
+                                }
+                                (Some("gap"), _) => {
+                                    tracing::warn!(missed = %push["missed"], "messages lost");
+                                }
+                                _ => {}
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(RecvError::Lagged(n)) => tracing::warn!(n, "lagged"),
+                        // The topic restarted (Redis lost its data): again.
+                        Err(RecvError::Closed) => break,
+                    }
+                }
+            }
+        });
+        Ok(pubsub)
+    }
+
+    /// Publishes what a client typed to every node.
+    pub async fn publish(pubsub: &PubSub, text: &str) -> Result<(), wshub::PubSubError> {
+        pubsub
+            .publish(TOPIC, Data::json(text).expect("a string is JSON"))
+            .await
+            .map(drop)
+    }
 }
 
 #[tokio::main]
@@ -93,6 +173,44 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .max_message_size(Some(args.max_message_size))
         .publish_rate(publish_rate);
 
+    #[cfg(feature = "redis")]
+    if let Some(url) = &args.redis {
+        let pubsub = shared::start(url, hub.clone()).await?;
+        let server = Server::new()
+            .config(config)
+            .metrics("/metrics", metrics)
+            .route("/ws", move |mut session| {
+                let (hub, pubsub) = (hub.clone(), pubsub.clone());
+                async move {
+                    // The local hub carries the shared topic; what the
+                    // client sends goes to Redis, and back to every node.
+                    let subscription = hub.subscribe();
+                    session.send("You are connected to WebSocket!").await?;
+                    session.outgoing().forward(subscription).await?;
+                    while let Some(msg) = session.recv().await {
+                        let text = match &msg {
+                            wshub::Message::Text(text) => text.as_str(),
+                            _ => continue,
+                        };
+                        if let Err(err) = shared::publish(&pubsub, text).await {
+                            // Said to the sender, not lost in silence.
+                            session.send(format!("not sent: {err}")).await?;
+                        }
+                    }
+                    Ok::<_, wshub::Error>(())
+                }
+            });
+        return run(server, &args).await;
+    }
+    #[cfg(not(feature = "redis"))]
+    if args.redis.is_some() {
+        eprintln!(
+            "sharedflow: --redis needs the redis feature: \
+             cargo run --features redis --example sharedflow -- --redis URL"
+        );
+        std::process::exit(2);
+    }
+
     let server = Server::new()
         .config(config)
         .metrics("/metrics", metrics)
@@ -111,14 +229,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 );
                 Ok::<_, wshub::Error>(())
             }
-        })
-        .route("/echo", |mut session| async move {
-            while let Some(msg) = session.recv().await {
-                if session.send(msg).await.is_err() {
-                    break;
-                }
-            }
         });
+    run(server, &args).await
+}
+
+/// Adds `/echo`, listens, logs the address, serves until ctrl-c.
+async fn run(server: Server, args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let server = server.route("/echo", |mut session| async move {
+        while let Some(msg) = session.recv().await {
+            if session.send(msg).await.is_err() {
+                break;
+            }
+        }
+    });
 
     // Server::bind: a listen backlog for bursts of reconnecting clients.
     let listener = server.bind(args.addr).await?;

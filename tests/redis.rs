@@ -64,7 +64,6 @@ impl Node {
     }
 }
 
-#[allow(dead_code)]
 fn named() -> PubSubConfig {
     PubSubConfig::default()
         .client_info(|request| Data::json(&json!({"name": request.query_param("name")?})).ok())
@@ -574,4 +573,111 @@ async fn presence_spans_nodes_and_a_killed_node_leaves_no_ghost() {
         "gone {:?} after the kill",
         t0.elapsed()
     );
+}
+
+#[tokio::test]
+async fn two_sharedflow_nodes_share_one_conversation() {
+    let redis = RedisServer::start();
+    let binary = build_example("sharedflow", &["redis"]);
+    let url = redis.url();
+    let start = || {
+        ExampleProcess::start(
+            &binary,
+            &["--addr", "127.0.0.1:0", "--redis", &url],
+            "sharedflow on ws://",
+        )
+        .expect("start the sharedflow example")
+    };
+    let (one, two) = (start(), start());
+    let mut ann = wshub::testing::TestClient::connect(&one.url("/ws")).await;
+    let mut bob = wshub::testing::TestClient::connect(&two.url("/ws")).await;
+    for client in [&mut ann, &mut bob] {
+        client.expect_text(common::GREETING).await;
+    }
+    ann.send("hello from one").await;
+    bob.send("hello from two").await;
+    // One order, whichever node a client is on.
+    let mut seen = Vec::new();
+    for client in [&mut ann, &mut bob] {
+        let lines = [client.recv_text().await, client.recv_text().await];
+        seen.push(lines);
+    }
+    assert_eq!(seen[0], seen[1], "{seen:?}");
+    let mut lines = seen[0].to_vec();
+    lines.sort();
+    assert_eq!(lines, ["hello from one", "hello from two"]);
+}
+
+#[tokio::test]
+async fn a_node_held_back_catches_up_from_the_history_not_from_memory() {
+    let redis = RedisServer::start();
+    // Suspend, a small local buffer, a queue of 4 between Redis and it.
+    let config = PubSubConfig::default().topic(
+        TopicConfig::default().history(500).hub(
+            wshub::HubConfig::default()
+                .capacity(8)
+                .policy(wshub::Policy::Suspend),
+        ),
+    );
+    let a = Node::start(&redis.url(), config.clone()).await;
+    let b = Node::start_with(&redis.url(), config, fast().queue(4)).await;
+    let mut reader = b.pubsub.subscribe("q", None).await.unwrap().into_receiver();
+    // The reader reads nothing while 300 are published on the other node.
+    for n in 0..300 {
+        a.pubsub
+            .publish("q", Data::json(&n).unwrap())
+            .await
+            .unwrap();
+    }
+    let mut seqs = Vec::new();
+    while seqs.len() < 300 {
+        let push = within("a message", reader.recv()).await.unwrap();
+        let push: Value = wshub::from_json(&push).unwrap();
+        assert_eq!(push["op"], "message", "no gap: {push}");
+        seqs.push(push["seq"].as_u64().unwrap());
+    }
+    assert_eq!(seqs, (1..=300).collect::<Vec<_>>());
+    assert!(
+        b.broker.catch_ups() >= 1,
+        "the overflow was caught up from the history"
+    );
+    assert_eq!(b.broker.subscription_losses(), 0);
+}
+
+#[tokio::test]
+async fn a_node_whose_lease_lapsed_joins_its_members_again() {
+    let redis = RedisServer::start();
+    let a = Node::start(&redis.url(), named()).await;
+    let b = Node::start(&redis.url(), named()).await;
+    let mut ann = Peer::connect(&a.server, "/pubsub?name=ann").await;
+    ann.subscribe("lobby").await;
+    let count = || async { b.pubsub.presence("lobby").await.unwrap().len() };
+    assert_eq!(count().await, 1);
+    // As if node a had stalled past its lease: b sweeps its members, and a,
+    // alive, finds its lease lapsed and joins them again.
+    let mut conn = redis.conn().await;
+    let _: i64 = ::redis::cmd("DEL")
+        .arg(format!("wshub:node:{}", a.broker.node()))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    within("ann listed again", async {
+        while count().await != 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let members = b.pubsub.presence("lobby").await.unwrap();
+    assert_eq!(
+        members[0].info.as_ref().unwrap().as_str(),
+        r#"{"name":"ann"}"#
+    );
+    // And ann's leave still works.
+    drop(ann);
+    within("ann gone", async {
+        while count().await != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
 }

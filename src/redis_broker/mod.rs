@@ -193,6 +193,8 @@ struct Core {
     up: AtomicBool,
     /// How many times it was lost.
     lost: AtomicU64,
+    /// How many history reads topics made to catch up.
+    catch_ups: AtomicU64,
 }
 
 /// A topic's members on this node, by client id.
@@ -297,10 +299,7 @@ impl Core {
 
     /// The topic of a channel name, if it is one of this broker's.
     fn topic_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
-        channel
-            .strip_prefix(self.config.prefix.as_str())?
-            .strip_prefix('{')?
-            .strip_suffix('}')
+        topic_of(&self.config.prefix, channel)
     }
 
     /// Runs `call` within the configured timeout.
@@ -466,6 +465,14 @@ impl Core {
     }
 }
 
+/// The topic of channel `P{T}` under prefix `P`.
+fn topic_of<'a>(prefix: &str, channel: &'a str) -> Option<&'a str> {
+    channel
+        .strip_prefix(prefix)?
+        .strip_prefix('{')?
+        .strip_suffix('}')
+}
+
 /// A kept entry, `seq ms data`.
 fn parse_entry(bytes: Vec<u8>) -> Option<Entry> {
     let text = String::from_utf8(bytes).ok()?;
@@ -569,6 +576,7 @@ impl RedisBroker {
             generation: AtomicU64::new(0),
             up: AtomicBool::new(false),
             lost: AtomicU64::new(0),
+            catch_ups: AtomicU64::new(0),
         });
         // The lease is held before any member joins.
         core.tick().await?;
@@ -594,6 +602,13 @@ impl RedisBroker {
     /// watched topic caught up from its history.
     pub fn subscription_losses(&self) -> u64 {
         self.core.lost.load(Relaxed)
+    }
+
+    /// How many times a watched topic read the history to catch up (after
+    /// a lost subscription, a jump in seq, or more messages than its queue
+    /// holds while its local hub was held back).
+    pub fn catch_ups(&self) -> u64 {
+        self.core.catch_ups.load(Relaxed)
     }
 
     /// The topics this node watches (those with local subscribers).
@@ -1143,6 +1158,7 @@ async fn worker(
             let Some(core) = core.upgrade() else { return };
             match core.history(&topic, "r", delivered, keep).await {
                 Ok(history) if history.epoch == epoch => {
+                    core.catch_ups.fetch_add(1, Relaxed);
                     // What the history no longer holds shows as a jump in
                     // seq, which each subscriber reports as a gap with the
                     // exact count.
@@ -1172,5 +1188,78 @@ async fn worker(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_payloads_parse_and_anything_else_is_refused() {
+        let Some(Live::Message {
+            payload,
+            epoch,
+            seq,
+            data,
+        }) = parse_live(br#"m 0a1b 42 {"x":[1,2]}"#)
+        else {
+            panic!("a message");
+        };
+        assert_eq!(&payload[epoch], b"0a1b");
+        assert_eq!(seq, 42);
+        assert_eq!(data.as_str(), r#"{"x":[1,2]}"#);
+
+        let Some(Live::Join(member)) = parse_live(br#"j c1.n {"name":"ann"}"#) else {
+            panic!("a join");
+        };
+        assert_eq!(&*member.client, "c1.n");
+        assert_eq!(member.info.unwrap().as_str(), r#"{"name":"ann"}"#);
+        let Some(Live::Join(member)) = parse_live(b"j c2.n ") else {
+            panic!("a join without info");
+        };
+        assert!(member.info.is_none());
+        assert!(matches!(parse_live(b"l c1.n"), Some(Live::Leave(c)) if &*c == "c1.n"));
+
+        // What another publisher might put on the channel: never a panic,
+        // never broken JSON passed on.
+        for bad in [
+            &b""[..],
+            b"m",
+            b"m ",
+            b"m e",
+            b"m e 1",
+            b"m e x {}",
+            b"m e 1 {",
+            b"m e 1 not json",
+            b"j c {bad",
+            b"\xff\xfe",
+            b"m e 1 \xff",
+            b"hello",
+        ] {
+            assert!(
+                parse_live(bad).is_none(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn kept_entries_parse() {
+        let entry = parse_entry(b"7 1733000000000 \"hi\"".to_vec()).unwrap();
+        assert_eq!(entry.seq, 7);
+        assert_eq!(entry.data.as_str(), "\"hi\"");
+        for bad in [&b""[..], b"7", b"7 12", b"x 1 {}", b"\xff 1 {}"] {
+            assert!(parse_entry(bad.to_vec()).is_none());
+        }
+    }
+
+    #[test]
+    fn channel_names_map_back_to_topics() {
+        let name = |channel| topic_of("app:", channel);
+        assert_eq!(name("app:{news/eu}"), Some("news/eu"));
+        assert_eq!(name("app:probe:n1"), None);
+        assert_eq!(name("other:{news}"), None);
     }
 }
