@@ -99,6 +99,19 @@
 //! turn so that a busy topic never starves a quiet one, each under its own
 //! topic's policy.
 //!
+//! # Many nodes on Redis
+//!
+//! With the `redis` feature, [`RedisBroker`] lets several nodes behind a
+//! load balancer share topics: a publish on any node is numbered, kept and
+//! sent by one Redis script, so every node delivers it with the same epoch
+//! and seq, and a client resumes on whichever node it reaches. A node
+//! subscribes to a topic's channel only while it has local subscribers, all
+//! topics over one connection; when that connection drops, goes silent or
+//! skips a seq, the node reads what it missed from the history, once per
+//! topic, so its clients see no gap unless the history no longer holds the
+//! messages. `docs/DEPLOYMENT.md` has the Redis settings that matter and
+//! what is guaranteed across nodes.
+//!
 //! # Metrics and traces
 //!
 //! [`Metrics`] exports every hub's counts, the server's sessions, handshakes,
@@ -116,6 +129,9 @@
 //!   application: the `WebSocketUpgrade` extractor, and `Sessions`, which
 //!   runs wshub sessions with a [`Config`] and closes them with 1001 at
 //!   axum's graceful shutdown.
+//! * `redis` (off by default): [`RedisBroker`], a [`Broker`] on Redis for
+//!   many nodes (redis-rs, with its connection manager for commands and a
+//!   dedicated subscription connection).
 //!
 //! # Layout
 //!
@@ -131,6 +147,8 @@
 //!   presence, and the protocol route.
 //! * `broker.rs`: [`Broker`], where positions, history and presence live,
 //!   and [`InProcess`], the embedded broker.
+//! * `redis_broker/` (the `redis` feature): [`RedisBroker`], its
+//!   subscription connection, catch-up and leases; `scripts.rs` holds its Lua.
 //! * `forward.rs`: what a send task forwards: many subscriptions, in turn.
 //! * `request.rs`: [`Request`], what a session knows of its upgrade request.
 //! * `axum.rs` (the `axum` feature): `wshub::axum`, sessions in an axum

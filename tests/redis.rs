@@ -365,7 +365,13 @@ async fn a_silent_subscription_is_noticed_and_caught_up() {
 #[tokio::test]
 async fn redis_closing_a_slow_subscriber_is_survived() {
     // Redis closes a pub/sub client whose output passes 32 KB at once.
-    let redis = RedisServer::start_with(&["--client-output-buffer-limit", "pubsub 32kb 16kb 60"]);
+    let redis = RedisServer::start_with(&[
+        "--client-output-buffer-limit",
+        "pubsub",
+        "32kb",
+        "16kb",
+        "60",
+    ]);
     let a = Node::start(&redis.url(), PubSubConfig::default()).await;
     let b = Node::start(&redis.url(), PubSubConfig::default()).await;
     let mut reader = b.peer().await;
@@ -680,4 +686,110 @@ async fn a_node_whose_lease_lapsed_joins_its_members_again() {
         }
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_redis_restored_from_an_older_snapshot_numbers_nothing_twice() {
+    let mut redis = RedisServer::start();
+    let a = Node::start(&redis.url(), PubSubConfig::default()).await;
+    let b = Node::start(&redis.url(), PubSubConfig::default()).await;
+    let mut reader = b.peer().await;
+    reader.subscribe("t").await;
+    for n in 0..5 {
+        a.pubsub
+            .publish("t", Data::json(&n).unwrap())
+            .await
+            .unwrap();
+    }
+    // A snapshot at seq 5, then five more that it does not hold.
+    let mut conn = redis.conn().await;
+    let _: () = ::redis::cmd("SAVE").query_async(&mut conn).await.unwrap();
+    for n in 5..10 {
+        a.pubsub
+            .publish("t", Data::json(&n).unwrap())
+            .await
+            .unwrap();
+    }
+    let got = messages(&mut reader, 10).await;
+    let epoch = got[0]["epoch"].clone();
+    redis.kill();
+    redis.restart();
+    // Back at seq 5 in the same epoch: node b, which delivered 10, gives the
+    // topic a new epoch and ends its local subscriptions.
+    let close = within_for(
+        Duration::from_secs(5),
+        "the reader's session ends",
+        reader.ws.expect_close(),
+    )
+    .await;
+    assert_eq!(close.map(|c| u16::from(c.code)), Some(1001));
+    let mut reader = b.peer().await;
+    let reply = reader
+        .call(json!({"op": "subscribe", "topic": "t", "since": {"epoch": epoch, "seq": 10}}))
+        .await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["recovered"], false, "{reply}");
+    assert_ne!(reply["epoch"], epoch, "{reply}");
+    // What the snapshot kept comes under the new epoch, then live.
+    let kept = messages(&mut reader, 5).await;
+    assert_eq!(seqs(&kept), vec![1, 2, 3, 4, 5]);
+    let at = within(
+        "publish again",
+        a.pubsub.publish("t", Data::json(&"new").unwrap()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(at.seq, 6);
+    assert_eq!(at.epoch.as_str(), reply["epoch"].as_str().unwrap());
+    let got = messages(&mut reader, 1).await;
+    assert_eq!(got[0]["data"], "new");
+}
+
+#[tokio::test]
+async fn a_full_redis_refuses_publishes_with_limit_and_no_seq() {
+    let redis = RedisServer::start();
+    let node = Node::start(&redis.url(), PubSubConfig::default()).await;
+    let mut conn = redis.conn().await;
+    let info: String = ::redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let used: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap();
+    let max = (used + (2 << 20)).to_string();
+    for (name, value) in [
+        ("maxmemory", max.as_str()),
+        ("maxmemory-policy", "noeviction"),
+    ] {
+        let _: () = ::redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let big = Data::json(&"x".repeat(64 * 1024)).unwrap();
+    let mut seqs = Vec::new();
+    let err = loop {
+        assert!(
+            seqs.len() < 200,
+            "2 MB of room took {} publishes of 64 KB",
+            seqs.len()
+        );
+        match node.pubsub.publish("full", big.clone()).await {
+            Ok(at) => seqs.push(at.seq),
+            Err(err) => break err,
+        }
+    };
+    assert!(matches!(err, PubSubError::Limit(_)), "{err:?}");
+    assert!(err.to_string().contains("out of memory"), "{err}");
+    // The refused publish was not numbered: the history ends at the last
+    // seq that was given.
+    let history = node.pubsub.history("full", 100).await.unwrap();
+    assert_eq!(history.last, *seqs.last().unwrap());
 }

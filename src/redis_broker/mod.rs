@@ -362,6 +362,24 @@ impl Core {
         })
     }
 
+    /// Gives `topic` a new epoch if it still has `epoch` and fewer than
+    /// `seq` messages.
+    async fn renumber(&self, topic: &str, epoch: &Epoch, seq: u64) -> Result<(), BrokerError> {
+        let mut conn = self.conn.clone();
+        let _: String = self
+            .call(
+                self.scripts
+                    .renumber
+                    .key(self.key(topic, "seq"))
+                    .arg(epoch.as_str())
+                    .arg(Epoch::random().as_str())
+                    .arg(seq)
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Sends the probe: how many subscribers Redis counted for it.
     async fn probe(&self, n: u64) -> Result<i64, BrokerError> {
         let mut conn = self.conn.clone();
@@ -1157,6 +1175,26 @@ async fn worker(
             }
             let Some(core) = core.upgrade() else { return };
             match core.history(&topic, "r", delivered, keep).await {
+                Ok(history) if history.epoch == epoch && history.last < delivered => {
+                    // Redis went back in time (restarted from an older
+                    // snapshot): the seqs after its last would be numbered
+                    // again. The topic gets a new epoch, and its local
+                    // subscriptions end as after a restart without data.
+                    tracing::warn!(
+                        topic = %topic,
+                        redis = history.last,
+                        delivered,
+                        "Redis has fewer messages of the topic than this node delivered: a new epoch"
+                    );
+                    if let Err(err) = core.renumber(&topic, &epoch, delivered).await {
+                        tracing::debug!(topic = %topic, %err, "renumbering the topic");
+                        drop(core);
+                        backoff.wait().await;
+                        continue;
+                    }
+                    delivery.restart();
+                    return;
+                }
                 Ok(history) if history.epoch == epoch => {
                     core.catch_ups.fetch_add(1, Relaxed);
                     // What the history no longer holds shows as a jump in

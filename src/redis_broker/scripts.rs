@@ -175,6 +175,19 @@ end
 return out
 ";
 
+/// KEYS: seq. ARGV: old epoch, candidate, seq. Gives the topic a new epoch
+/// if it still has the old one and its last seq is below `seq` (Redis went
+/// back in time: a restart from an older snapshot), so that no seq is
+/// numbered twice in one epoch. Returns the epoch it has.
+const RENUMBER: &str = r"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if epoch == ARGV[1] and tonumber(redis.call('HGET', KEYS[1], 'seq')) < tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[2])
+  return ARGV[2]
+end
+return epoch or ''
+";
+
 /// ARGV: prefix, node, lease ms, then pairs of (key, life ms) to keep
 /// alive. Renews the node's lease (returns 1 if it had lapsed: its members
 /// may have been swept), keeps the watched topics' keys, and sweeps the
@@ -216,6 +229,7 @@ pub(super) struct Scripts {
     pub leave: ::redis::Script,
     pub members: ::redis::Script,
     pub tick: ::redis::Script,
+    pub renumber: ::redis::Script,
 }
 
 impl Scripts {
@@ -232,6 +246,7 @@ impl Scripts {
             leave: with(&[], LEAVE),
             members: with(&[ALIVE], MEMBERS),
             tick: with(&[ALIVE], TICK),
+            renumber: with(&[], RENUMBER),
         }
     }
 }

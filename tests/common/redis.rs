@@ -121,6 +121,10 @@ impl RedisServer {
                 addr: free_port(),
                 extra: extra.iter().map(|s| s.to_string()).collect(),
             };
+            // A fresh start: no snapshot of an earlier run on this port.
+            let _ = std::fs::remove_file(
+                Path::new(env!("CARGO_TARGET_TMPDIR")).join(server.dump_name()),
+            );
             match server.spawn() {
                 Ok(()) => return server,
                 // Another process took the port between the probe and the bind.
@@ -136,6 +140,11 @@ impl RedisServer {
 
     fn log_path(&self) -> PathBuf {
         Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("redis-{}.log", self.addr.port()))
+    }
+
+    /// Its own snapshot file, in case a test saves one.
+    fn dump_name(&self) -> String {
+        format!("dump-{}.rdb", self.addr.port())
     }
 
     /// What it logged (at `warning` and above).
@@ -161,6 +170,8 @@ impl RedisServer {
             .arg(env!("CARGO_TARGET_TMPDIR"))
             .arg("--logfile")
             .arg(self.log_path())
+            .arg("--dbfilename")
+            .arg(self.dump_name())
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -209,8 +220,8 @@ impl RedisServer {
         }
     }
 
-    /// Starts it again on the same port, with no data: returns when it
-    /// answers PING.
+    /// Starts it again on the same port, with no data unless a test made it
+    /// save a snapshot: returns when it answers PING.
     pub fn restart(&mut self) {
         self.kill();
         let deadline = Instant::now() + Duration::from_secs(10);
