@@ -1012,8 +1012,13 @@ async fn pump_task(core: Arc<Core>, mut commands: mpsc::UnboundedReceiver<Comman
                 Some((n, result)) = probes.recv() => {
                     // Redis counted no subscriber: this connection is not
                     // subscribed any more, whatever TCP says.
-                    if matches!(result, Ok(0)) && waiting.is_some_and(|(w, _)| w == n) {
-                        break "Redis counted no subscriber for the probe";
+                    let ours = waiting.is_some_and(|(w, _)| w == n);
+                    match result {
+                        Ok(0) if ours => break "Redis counted no subscriber for the probe",
+                        // Not sent: the command connection's trouble says
+                        // nothing of this one. The next tick sends another.
+                        Err(_) if ours => waiting = None,
+                        _ => {}
                     }
                 }
                 _ = timer.tick() => {
@@ -1027,12 +1032,7 @@ async fn pump_task(core: Arc<Core>, mut commands: mpsc::UnboundedReceiver<Comman
                             waiting = Some((probe_n, Instant::now()));
                             let (core, probed, n) = (core.clone(), probed.clone(), probe_n);
                             tokio::spawn(async move {
-                                let result = core.probe(n).await;
-                                if result.is_err() {
-                                    // Redis itself is away: the connection's
-                                    // own end will say so.
-                                }
-                                let _ = probed.send((n, result));
+                                let _ = probed.send((n, core.probe(n).await));
                             });
                         }
                     }
