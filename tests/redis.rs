@@ -62,6 +62,16 @@ impl Node {
     async fn peer(&self) -> Peer {
         Peer::connect(&self.server, "/pubsub").await
     }
+
+    /// Publishes each number of `numbers` on `topic`, in order.
+    async fn publish_all(&self, topic: &str, numbers: std::ops::Range<u64>) {
+        for n in numbers {
+            self.pubsub
+                .publish(topic, Data::json(&n).unwrap())
+                .await
+                .unwrap();
+        }
+    }
 }
 
 fn named() -> PubSubConfig {
@@ -222,22 +232,12 @@ async fn a_client_resumes_on_another_node() {
     let b = Node::start(&redis.url(), PubSubConfig::default()).await;
     let mut client = a.peer().await;
     client.subscribe("room").await;
-    for n in 0..10 {
-        a.pubsub
-            .publish("room", Data::json(&n).unwrap())
-            .await
-            .unwrap();
-    }
+    a.publish_all("room", 0..10).await;
     let got = messages(&mut client, 10).await;
     let last = got.last().unwrap().clone();
     drop(client);
     // Published on a, while the client is away.
-    for n in 10..30 {
-        a.pubsub
-            .publish("room", Data::json(&n).unwrap())
-            .await
-            .unwrap();
-    }
+    a.publish_all("room", 10..30).await;
     let mut client = b.peer().await;
     let reply = client
         .call(json!({"op": "subscribe", "topic": "room",
@@ -332,12 +332,7 @@ async fn a_silent_subscription_is_noticed_and_caught_up() {
 
     // Silent while the history covers it: caught up, no gap.
     assert_eq!(proxy.freeze_subscribers(), 1);
-    for n in 0..25 {
-        a.pubsub
-            .publish("feed", Data::json(&n).unwrap())
-            .await
-            .unwrap();
-    }
+    a.publish_all("feed", 0..25).await;
     let got = messages(&mut reader, 25).await;
     assert_eq!(seqs(&got), (1..=25).collect::<Vec<_>>());
 
@@ -349,12 +344,7 @@ async fn a_silent_subscription_is_noticed_and_caught_up() {
     )
     .await;
     assert_eq!(proxy.freeze_subscribers(), 1);
-    for n in 25..125 {
-        a.pubsub
-            .publish("feed", Data::json(&n).unwrap())
-            .await
-            .unwrap();
-    }
+    a.publish_all("feed", 25..125).await;
     let gap = within("the gap", reader.push()).await;
     assert_eq!(gap["op"], "gap", "{gap}");
     assert_eq!(gap["missed"], 100 - history as u64);
@@ -629,12 +619,7 @@ async fn a_node_held_back_catches_up_from_the_history_not_from_memory() {
     let b = Node::start_with(&redis.url(), config, fast().queue(4)).await;
     let mut reader = b.pubsub.subscribe("q", None).await.unwrap().into_receiver();
     // The reader reads nothing while 300 are published on the other node.
-    for n in 0..300 {
-        a.pubsub
-            .publish("q", Data::json(&n).unwrap())
-            .await
-            .unwrap();
-    }
+    a.publish_all("q", 0..300).await;
     let mut seqs = Vec::new();
     while seqs.len() < 300 {
         let push = within("a message", reader.recv()).await.unwrap();
@@ -695,21 +680,11 @@ async fn a_redis_restored_from_an_older_snapshot_numbers_nothing_twice() {
     let b = Node::start(&redis.url(), PubSubConfig::default()).await;
     let mut reader = b.peer().await;
     reader.subscribe("t").await;
-    for n in 0..5 {
-        a.pubsub
-            .publish("t", Data::json(&n).unwrap())
-            .await
-            .unwrap();
-    }
+    a.publish_all("t", 0..5).await;
     // A snapshot at seq 5, then five more that it does not hold.
     let mut conn = redis.conn().await;
     let _: () = ::redis::cmd("SAVE").query_async(&mut conn).await.unwrap();
-    for n in 5..10 {
-        a.pubsub
-            .publish("t", Data::json(&n).unwrap())
-            .await
-            .unwrap();
-    }
+    a.publish_all("t", 5..10).await;
     let got = messages(&mut reader, 10).await;
     let epoch = got[0]["epoch"].clone();
     redis.kill();

