@@ -80,7 +80,10 @@ struct Args {
 mod shared {
     use std::sync::Arc;
 
-    use wshub::{Data, Hub, Message, PubSub, PubSubConfig, RecvError, RedisBroker, RedisConfig};
+    use wshub::{
+        Data, Epoch, Hub, Message, Position, PubSub, PubSubConfig, RecvError, RedisBroker,
+        RedisConfig,
+    };
 
     pub const TOPIC: &str = "sharedflow";
 
@@ -93,39 +96,54 @@ mod shared {
             "sharing the hub through Redis at {url}"
         );
         let pubsub = PubSub::with_broker(PubSubConfig::default(), Arc::new(broker))?;
+        // Subscribed before the node listens: nothing a client of another
+        // node says once this one is up is missed.
+        let first = pubsub.subscribe(TOPIC, None).await?;
         let node = pubsub.clone();
         tokio::spawn(async move {
+            let mut topic = first.into_receiver();
+            // The last position seen: a new subscription resumes from it.
+            let mut at: Option<Position> = None;
             loop {
-                let mut topic = match node.subscribe(TOPIC, None).await {
-                    Ok(subscribed) => subscribed.into_receiver(),
-                    Err(err) => {
-                        tracing::warn!(%err, "subscribing to the shared topic; again in 1 s");
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                        continue;
+                match topic.recv().await {
+                    Ok(Message::Text(push)) => {
+                        let Ok(push) = serde_json::from_str::<serde_json::Value>(&push) else {
+                            continue;
+                        };
+                        match (push["op"].as_str(), push["data"].as_str()) {
+                            (Some("message"), Some(text)) => {
+                                if let (Some(epoch), Some(seq)) =
+                                    (push["epoch"].as_str(), push["seq"].as_u64())
+                                {
+                                    at = Some(Position {
+                                        epoch: Epoch::new(epoch),
+                                        seq,
+                                    });
+                                }
+                                let _ = hub.publish(text.to_owned()).await;
+                            }
+                            (Some("gap"), _) => {
+                                tracing::warn!(missed = %push["missed"], "messages lost");
+                            }
+                            _ => {}
+                        }
                     }
-                };
-                loop {
-                    match topic.recv().await {
-                        Ok(Message::Text(push)) => {
-                            let push: serde_json::Value = match serde_json::from_str(&push) {
-                                Ok(push) => push,
-                                Err(_) => continue,
-                            };
-                            match (push["op"].as_str(), push["data"].as_str()) {
-                                (Some("message"), Some(text)) => {
-                                    let _ = hub.publish(text.to_owned()).await;
-                                }
-                                (Some("gap"), _) => {
-                                    tracing::warn!(missed = %push["missed"], "messages lost");
-                                }
-                                _ => {}
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(n)) => tracing::warn!(n, "lagged"),
+                    // The topic restarted (Redis lost its data): subscribe
+                    // again from the last position, until that works.
+                    Err(RecvError::Closed) => loop {
+                        match node.subscribe(TOPIC, at.as_ref()).await {
+                            Ok(subscribed) => {
+                                topic = subscribed.into_receiver();
+                                break;
+                            }
+                            Err(err) => {
+                                tracing::warn!(%err, "subscribing to the shared topic; again in 1 s");
+                                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                             }
                         }
-                        Ok(_) => {}
-                        Err(RecvError::Lagged(n)) => tracing::warn!(n, "lagged"),
-                        // The topic restarted (Redis lost its data): again.
-                        Err(RecvError::Closed) => break,
-                    }
+                    },
                 }
             }
         });
