@@ -255,14 +255,15 @@ async fn a_client_resumes_on_another_node() {
     assert_eq!(got[0]["data"], 10);
 }
 
-/// Publishes `data` on `topic` from the library, every `every`, until
-/// stopped: returns the positions it got.
+/// Publishes on `topic` from the library, every `every`, until stopped:
+/// returns the seqs it got, how many publishes failed, and the longest a
+/// failed one took.
 fn publisher(
     node: &Node,
     topic: &'static str,
     every: Duration,
 ) -> (
-    tokio::task::JoinHandle<(Vec<u64>, usize)>,
+    tokio::task::JoinHandle<(Vec<u64>, usize, Duration)>,
     Arc<std::sync::atomic::AtomicBool>,
 ) {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -271,16 +272,21 @@ fn publisher(
     let task = tokio::spawn(async move {
         let mut seqs = Vec::new();
         let mut failed = 0;
+        let mut slowest_failure = Duration::ZERO;
         let mut n = 0u64;
         while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            let t0 = Instant::now();
             match pubsub.publish(topic, Data::json(&n).unwrap()).await {
                 Ok(at) => seqs.push(at.seq),
-                Err(_) => failed += 1,
+                Err(_) => {
+                    failed += 1;
+                    slowest_failure = slowest_failure.max(t0.elapsed());
+                }
             }
             n += 1;
             tokio::time::sleep(every).await;
         }
-        (seqs, failed)
+        (seqs, failed, slowest_failure)
     });
     (task, stop)
 }
@@ -307,7 +313,7 @@ async fn a_subscription_killed_by_redis_catches_up_with_no_gap() {
     }
     tokio::time::sleep(Duration::from_millis(150)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (published, failed) = task.await.unwrap();
+    let (published, failed, _) = task.await.unwrap();
     assert_eq!(failed, 0, "publishing never depended on the subscription");
     let last = *published.last().unwrap();
     let got = messages(&mut reader, last as usize).await;
@@ -398,6 +404,9 @@ async fn redis_killed_and_restarted_without_data() {
     }
     let got = messages(&mut reader, 5).await;
     let old_epoch = got[0]["epoch"].clone();
+    // Traffic on another topic all along.
+    let (traffic, stop) = publisher(&a, "traffic", Duration::from_millis(5));
+    tokio::time::sleep(Duration::from_millis(50)).await;
 
     redis.kill();
     // During the outage: a clear error, within the bound, no hang.
@@ -464,6 +473,22 @@ async fn redis_killed_and_restarted_without_data() {
         "delivering {:?} after Redis came back",
         back.elapsed()
     );
+    // The publisher's calls failed during the outage, each within the
+    // bound (500 ms here), and succeed again after it.
+    let before = traffic_len(&a).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (seqs, failed, slowest) = traffic.await.unwrap();
+    assert!(failed > 0, "the outage was seen");
+    assert!(slowest < Duration::from_millis(1500), "{slowest:?}");
+    assert!(
+        seqs.len() as u64 >= before,
+        "published again after the restart"
+    );
+}
+
+/// How many messages `traffic` holds now (its last seq).
+async fn traffic_len(node: &Node) -> u64 {
+    node.pubsub.history("traffic", 1).await.unwrap().last
 }
 
 #[tokio::test]
@@ -767,4 +792,31 @@ async fn a_full_redis_refuses_publishes_with_limit_and_no_seq() {
     // seq that was given.
     let history = node.pubsub.history("full", 100).await.unwrap();
     assert_eq!(history.last, *seqs.last().unwrap());
+}
+
+#[tokio::test]
+async fn a_jump_in_seq_makes_the_node_read_the_history() {
+    let redis = RedisServer::start();
+    let a = Node::start(&redis.url(), PubSubConfig::default()).await;
+    let b = Node::start(&redis.url(), PubSubConfig::default()).await;
+    let mut reader = b.peer().await;
+    reader.subscribe("j").await;
+    a.publish_all("j", 0..3).await;
+    let got = messages(&mut reader, 3).await;
+    let epoch = got[0]["epoch"].as_str().unwrap().to_owned();
+    let before = b.broker.catch_ups();
+    // A message that skips seqs 4..=9 reaches the nodes: they read the
+    // history, which holds no such messages, and deliver nothing of it.
+    let mut conn = redis.conn().await;
+    let _: i64 = ::redis::cmd("PUBLISH")
+        .arg("wshub:{j}")
+        .arg(format!("m {epoch} 10 \"forged\""))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    wait_for("a catch-up", || b.broker.catch_ups(), |n| *n > before).await;
+    a.publish_all("j", 3..5).await;
+    let got = messages(&mut reader, 2).await;
+    assert_eq!(seqs(&got), vec![4, 5]);
+    assert_eq!(got[0]["data"], 3);
 }
