@@ -255,6 +255,9 @@ async fn a_client_resumes_on_another_node() {
     assert_eq!(got[0]["data"], 10);
 }
 
+/// What [`publisher`] did: seqs, failures, the slowest failure.
+type Published = (Vec<u64>, usize, Duration);
+
 /// Publishes on `topic` from the library, every `every`, until stopped:
 /// returns the seqs it got, how many publishes failed, and the longest a
 /// failed one took.
@@ -263,7 +266,7 @@ fn publisher(
     topic: &'static str,
     every: Duration,
 ) -> (
-    tokio::task::JoinHandle<(Vec<u64>, usize, Duration)>,
+    tokio::task::JoinHandle<Published>,
     Arc<std::sync::atomic::AtomicBool>,
 ) {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
