@@ -74,6 +74,14 @@ impl Node {
     }
 }
 
+/// A Redis of the test's own, and two nodes on it.
+async fn two_nodes() -> (RedisServer, Node, Node) {
+    let redis = RedisServer::start();
+    let a = Node::start(&redis.url(), PubSubConfig::default()).await;
+    let b = Node::start(&redis.url(), PubSubConfig::default()).await;
+    (redis, a, b)
+}
+
 fn named() -> PubSubConfig {
     PubSubConfig::default()
         .client_info(|request| Data::json(&json!({"name": request.query_param("name")?})).ok())
@@ -227,9 +235,7 @@ async fn a_node_subscribes_while_it_has_subscribers_over_one_connection() {
 
 #[tokio::test]
 async fn a_client_resumes_on_another_node() {
-    let redis = RedisServer::start();
-    let a = Node::start(&redis.url(), PubSubConfig::default()).await;
-    let b = Node::start(&redis.url(), PubSubConfig::default()).await;
+    let (_redis, a, b) = two_nodes().await;
     let mut client = a.peer().await;
     client.subscribe("room").await;
     a.publish_all("room", 0..10).await;
@@ -296,9 +302,7 @@ fn publisher(
 
 #[tokio::test]
 async fn a_subscription_killed_by_redis_catches_up_with_no_gap() {
-    let redis = RedisServer::start();
-    let a = Node::start(&redis.url(), PubSubConfig::default()).await;
-    let b = Node::start(&redis.url(), PubSubConfig::default()).await;
+    let (redis, a, b) = two_nodes().await;
     let mut reader = b.peer().await;
     reader.subscribe("feed").await;
     let (task, stop) = publisher(&a, "feed", Duration::from_millis(2));
@@ -396,9 +400,7 @@ async fn redis_closing_a_slow_subscriber_is_survived() {
 
 #[tokio::test]
 async fn redis_killed_and_restarted_without_data() {
-    let mut redis = RedisServer::start();
-    let a = Node::start(&redis.url(), PubSubConfig::default()).await;
-    let b = Node::start(&redis.url(), PubSubConfig::default()).await;
+    let (mut redis, a, b) = two_nodes().await;
     let mut reader = b.peer().await;
     let mut writer = a.peer().await;
     reader.subscribe("t").await;
@@ -703,9 +705,7 @@ async fn a_node_whose_lease_lapsed_joins_its_members_again() {
 
 #[tokio::test]
 async fn a_redis_restored_from_an_older_snapshot_numbers_nothing_twice() {
-    let mut redis = RedisServer::start();
-    let a = Node::start(&redis.url(), PubSubConfig::default()).await;
-    let b = Node::start(&redis.url(), PubSubConfig::default()).await;
+    let (mut redis, a, b) = two_nodes().await;
     let mut reader = b.peer().await;
     reader.subscribe("t").await;
     a.publish_all("t", 0..5).await;
@@ -799,9 +799,7 @@ async fn a_full_redis_refuses_publishes_with_limit_and_no_seq() {
 
 #[tokio::test]
 async fn a_jump_in_seq_makes_the_node_read_the_history() {
-    let redis = RedisServer::start();
-    let a = Node::start(&redis.url(), PubSubConfig::default()).await;
-    let b = Node::start(&redis.url(), PubSubConfig::default()).await;
+    let (redis, a, b) = two_nodes().await;
     let mut reader = b.peer().await;
     reader.subscribe("j").await;
     a.publish_all("j", 0..3).await;
