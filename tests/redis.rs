@@ -821,3 +821,31 @@ async fn a_jump_in_seq_makes_the_node_read_the_history() {
     assert_eq!(seqs(&got), vec![4, 5]);
     assert_eq!(got[0]["data"], 3);
 }
+
+#[tokio::test]
+async fn a_leave_while_redis_is_away_is_sent_when_it_is_back() {
+    let mut redis = RedisServer::start();
+    let a = Node::start(&redis.url(), named()).await;
+    let mut ann = Peer::connect(&a.server, "/pubsub?name=ann").await;
+    ann.subscribe("lobby").await;
+    // Redis keeps ann in a snapshot, goes away, and ann leaves meanwhile.
+    let mut conn = redis.conn().await;
+    let _: () = ::redis::cmd("SAVE").query_async(&mut conn).await.unwrap();
+    redis.kill();
+    drop(ann);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Back from the snapshot, with ann in it: the node's lease is back too,
+    // so only the node itself can take ann out.
+    redis.restart();
+    within("ann's leave reaches Redis", async {
+        loop {
+            if let Ok(members) = a.pubsub.presence("lobby").await {
+                if members.is_empty() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}

@@ -195,7 +195,14 @@ struct Core {
     lost: AtomicU64,
     /// How many history reads topics made to catch up.
     catch_ups: AtomicU64,
+    /// Leaves that did not reach Redis (topic, client, last of the node's
+    /// members there): at most one per member this node had.
+    unsent: Mutex<Vec<Unsent>>,
 }
+
+/// A leave that did not reach Redis: topic, client, and whether it was the
+/// node's last member of the topic.
+type Unsent = (Arc<str>, Arc<str>, bool);
 
 /// A topic's members on this node, by client id.
 type Members = HashMap<Arc<str>, Member>;
@@ -419,6 +426,7 @@ impl Core {
         if lapsed {
             self.join_again().await?;
         }
+        self.send_unsent().await;
         Ok(())
     }
 
@@ -453,6 +461,44 @@ impl Core {
             self.join(&topic, &member, usize::MAX).await?;
         }
         Ok(())
+    }
+
+    /// Removes `client` from `topic`'s presence in Redis, with its leave
+    /// event; `last`: the node's last member of the topic.
+    async fn leave(&self, topic: &str, client: &str, last: bool) -> Result<(), BrokerError> {
+        let mut conn = self.conn.clone();
+        let _: Value = self
+            .call(
+                self.scripts
+                    .leave
+                    .key(self.key(topic, "who"))
+                    .arg(client)
+                    .arg(self.channel(topic))
+                    .arg(&self.config.prefix)
+                    .arg(&*self.node)
+                    .arg(topic)
+                    .arg(if last { "1" } else { "0" })
+                    .invoke_async(&mut conn),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Keeps a leave that did not reach Redis, for the next renewal.
+    fn unsent(&self, topic: &str, client: &str, last: bool) {
+        let mut unsent = self.unsent.lock().unwrap_or_else(|p| p.into_inner());
+        unsent.push((topic.into(), client.into(), last));
+    }
+
+    /// Sends the leaves that did not reach Redis; keeps those that fail
+    /// again.
+    async fn send_unsent(&self) {
+        let unsent = std::mem::take(&mut *self.unsent.lock().unwrap_or_else(|p| p.into_inner()));
+        for (topic, client, last) in unsent {
+            if self.leave(&topic, &client, last).await.is_err() {
+                self.unsent(&topic, &client, last);
+            }
+        }
     }
 
     async fn join(&self, topic: &str, member: &Member, max: usize) -> Result<(), BrokerError> {
@@ -595,6 +641,7 @@ impl RedisBroker {
             up: AtomicBool::new(false),
             lost: AtomicU64::new(0),
             catch_ups: AtomicU64::new(0),
+            unsent: Mutex::new(Vec::new()),
         });
         // The lease is held before any member joins.
         core.tick().await?;
@@ -717,21 +764,13 @@ impl RedisBroker {
                 None => false,
             }
         };
-        let mut conn = core.conn.clone();
-        let _: Value = core
-            .call(
-                core.scripts
-                    .leave
-                    .key(core.key(topic, "who"))
-                    .arg(client)
-                    .arg(core.channel(topic))
-                    .arg(&core.config.prefix)
-                    .arg(&*core.node)
-                    .arg(topic)
-                    .arg(if last { "1" } else { "0" })
-                    .invoke_async(&mut conn),
-            )
-            .await?;
+        if let Err(err) = core.leave(topic, client, last).await {
+            // Not left in Redis: tried again at each renewal of the lease,
+            // so that a member never outlives its session while its node
+            // lives.
+            core.unsent(topic, client, last);
+            return Err(err);
+        }
         Ok(())
     }
 
@@ -842,7 +881,21 @@ impl Broker for RedisBroker {
         max: usize,
     ) -> BoxFuture<'a, Result<(), BrokerError>> {
         Box::pin(async move {
-            self.core.join(topic, &member, max).await?;
+            if let Err(err) = self.core.join(topic, &member, max).await {
+                if matches!(err, BrokerError::Unavailable(_)) {
+                    // It may have run before the answer was lost: undone
+                    // at the next renewal if so (a leave of nobody is a
+                    // no-op).
+                    let last = !self
+                        .core
+                        .joined
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .contains_key(topic);
+                    self.core.unsent(topic, &member.client, last);
+                }
+                return Err(err);
+            }
             let mut joined = self.core.joined.lock().unwrap_or_else(|p| p.into_inner());
             joined
                 .entry(topic.into())
@@ -1100,15 +1153,17 @@ async fn run_commands(
 /// Hands a channel message to its topic's worker without waiting: past the
 /// queue's bound, the worker catches up from the history instead.
 fn route(core: &Core, topic: &str, payload: &[u8]) {
-    let topics = core.lock();
-    let Some(watched) = topics.get(topic) else {
-        return;
-    };
+    // Parsed (and its JSON checked) before the lock, which every watch and
+    // unwatch takes too.
     let Some(live) = parse_live(payload) else {
         tracing::warn!(
             topic,
             "a message on the topic's channel that wshub did not send"
         );
+        return;
+    };
+    let topics = core.lock();
+    let Some(watched) = topics.get(topic) else {
         return;
     };
     if let Err(mpsc::error::TrySendError::Full(_)) = watched.queue.try_send(live) {
