@@ -201,6 +201,15 @@ pub struct Server {
     tracker: TaskTracker,
     /// Where [`Server::metrics`] counts, and the path it serves them at.
     metrics: Option<(String, Metrics)>,
+    /// What [`Server::page`] serves, by path.
+    pages: HashMap<String, Page>,
+}
+
+/// A fixed HTTP response body and its content type.
+#[derive(Clone)]
+struct Page {
+    content_type: HeaderValue,
+    body: Bytes,
 }
 
 /// How long a shutdown waits for sessions before it aborts them, unless
@@ -395,6 +404,7 @@ impl Server {
             live: Arc::default(),
             tracker: TaskTracker::new(),
             metrics: None,
+            pages: HashMap::new(),
         }
     }
 
@@ -604,6 +614,41 @@ impl Server {
     #[must_use]
     pub fn metrics(mut self, path: &str, metrics: Metrics) -> Server {
         self.metrics = Some((path.to_owned(), metrics));
+        self
+    }
+
+    /// Serves `body` at `path` to plain HTTP `GET` and `HEAD` requests, with
+    /// `content_type`: the page, script or stylesheet of a browser client,
+    /// compiled into the binary with `include_str!`. Other methods get 405.
+    /// A WebSocket route at the same path takes its upgrades; a plain `GET`
+    /// there gets the page. Each answer closes its connection (as the
+    /// metrics do), and says `Cache-Control: no-cache`, so that a browser
+    /// checks for a newer build.
+    ///
+    /// ```
+    /// use wshub::Server;
+    /// let server = Server::new()
+    ///     .page("/", "text/html; charset=utf-8", "<!doctype html><p>hello</p>")
+    ///     .page("/app.js", "text/javascript; charset=utf-8", "console.log('hi')");
+    /// # drop(server);
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `content_type` is not a valid header value (a programming error,
+    /// found at start-up).
+    #[must_use]
+    pub fn page(
+        mut self,
+        path: &str,
+        content_type: &'static str,
+        body: impl Into<Bytes>,
+    ) -> Server {
+        let page = Page {
+            content_type: HeaderValue::from_static(content_type),
+            body: body.into(),
+        };
+        self.pages.insert(path.to_owned(), page);
         self
     }
 
@@ -988,6 +1033,11 @@ impl Server {
                 return scrape(req.method(), metrics).map(Answer::Plain);
             }
         }
+        if let Some(page) = self.pages.get(req.uri().path()) {
+            if !self.routes.contains_key(req.uri().path()) || !is_upgrade(&req) {
+                return serve_page(req.method(), page).map(Answer::Plain);
+            }
+        }
         let Some(route) = self.routes.get(req.uri().path()).cloned() else {
             return Err(Rejection::new(
                 StatusCode::NOT_FOUND,
@@ -1053,6 +1103,39 @@ fn scrape(method: &Method, metrics: &Metrics) -> Result<http::Response<Full<Byte
         HeaderValue::from_static(Metrics::CONTENT_TYPE),
     );
     // As for a refusal: one request per connection (see `open`).
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    Ok(response)
+}
+
+/// Whether a request asks for a WebSocket upgrade (the rest of the
+/// handshake is checked by the route).
+fn is_upgrade<B>(req: &http::Request<B>) -> bool {
+    req.headers().get_all(header::UPGRADE).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.eq_ignore_ascii_case("websocket"))
+    })
+}
+
+/// The answer at a page's path: the page for a `GET` (its head for a
+/// `HEAD`), 405 otherwise.
+fn serve_page(method: &Method, page: &Page) -> Result<http::Response<Full<Bytes>>, Rejection> {
+    if method != Method::GET && method != Method::HEAD {
+        return Err(
+            Rejection::new(StatusCode::METHOD_NOT_ALLOWED, "this page is read with GET")
+                .header(header::ALLOW, HeaderValue::from_static("GET, HEAD")),
+        );
+    }
+    let body = if method == Method::GET {
+        page.body.clone()
+    } else {
+        Bytes::new()
+    };
+    let length = page.body.len();
+    let mut response = http::Response::new(Full::new(body));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, page.content_type.clone());
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     Ok(response)
 }

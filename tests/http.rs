@@ -361,3 +361,59 @@ async fn a_client_that_never_finishes_its_request_head_is_dropped_after_handshak
     }
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_page_is_served_to_get_and_head_and_a_route_at_its_path_still_upgrades() {
+    let page = "<!doctype html><title>chat</title><p>hello</p>";
+    let server = TestServer::start(
+        greeting_server()
+            .page("/", "text/html; charset=utf-8", page)
+            .page(
+                "/ws",
+                "text/plain; charset=utf-8",
+                "open this with a WebSocket",
+            ),
+    )
+    .await;
+    let got = exchange(server.addr(), &request("GET", "/", &[])).await;
+    assert_eq!(got.status, 200, "{got:?}");
+    assert_eq!(got.header("content-type"), Some("text/html; charset=utf-8"));
+    assert_eq!(got.header("cache-control"), Some("no-cache"));
+    assert_eq!(got.body, page);
+
+    // HEAD: the same head, no body.
+    let mut tcp = TcpStream::connect(server.addr()).await.unwrap();
+    tcp.write_all(request("HEAD", "/", &[]).as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    within("the HEAD answer", tcp.read_to_end(&mut answer))
+        .await
+        .unwrap();
+    let answer = String::from_utf8(answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\n"), "no body: {answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains(&format!("content-length: {}", page.len()))
+    );
+
+    let got = exchange(
+        server.addr(),
+        &request("POST", "/", &[("Content-Length", "0")]),
+    )
+    .await;
+    assert_refused(&got, 405, "GET");
+    assert_eq!(got.header("allow"), Some("GET, HEAD"));
+
+    // A plain GET at the route's path gets the page; an upgrade gets the route.
+    let got = exchange(server.addr(), &request("GET", "/ws", &[])).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body, "open this with a WebSocket");
+    let mut client = server.connect("/ws").await;
+    client.expect_text("hello").await;
+    // Elsewhere: still 404.
+    let got = exchange(server.addr(), &request("GET", "/nope", &[])).await;
+    assert_eq!(got.status, 404);
+}
