@@ -37,8 +37,40 @@
 //!   Reports the time until every client has all 50 (exactly once, in
 //!   order, `recovered: true`), the server's CPU and RSS for that phase.
 //! - `pubsub-smoke`: both, with 40 clients for about 2 s each.
+//!
+//! The cluster scenarios (`--features redis`, see `cluster.rs`) run two
+//! nodes on a `redis-server` the benchmark starts on a free loopback port
+//! for each run, subscribers spread evenly over the nodes, publishers on
+//! node 1; `wshub-redis` (`PubSub` on `RedisBroker`) and `naive-redis` (the
+//! hand-written locked list, PUBLISH and one subscription) take turns in
+//! each round:
+//!
+//! ```text
+//! cargo bench --features redis --bench load -- cluster-1k cluster-high --runs 3
+//! cargo bench --features redis --bench load -- cluster-restart --runs 3
+//! cargo bench --features redis --bench load -- cluster-smoke
+//! ```
+//!
+//! - `cluster-1k`: 1,000 clients (500 a node) on one topic, 1 publisher ×
+//!   100 msg/s, 64 B, 10 s; also `wshub-pubsub` alone with the same
+//!   clients, for the single-node p99.
+//! - `cluster-high`: 200 clients, 4 publishers × 500 msg/s.
+//! - `cluster-smoke`: 40 clients, 2 publishers × 20 msg/s for 2 s; exits 1
+//!   unless delivery is exact.
+//! - `cluster-restart`: two `wshub-redis` nodes, 100 subscribed clients;
+//!   Redis SIGKILLed and started again on its port (at once and after 5 s
+//!   down); the time from its first PING answer until a publish through
+//!   node 1 reaches both nodes, and every client (clients the nodes close
+//!   reconnect and subscribe again). At least 3 repetitions.
+//!
+//! Figures: delivery ratio, p50/p99 latency for all clients and for node 2's
+//! (cross-node), CPU µs per delivery summed over node 1, node 2 and Redis
+//! (user and system apart), each process's RSS, and the ratio of the two
+//! kinds' CPU per delivery, round by round.
 
 mod client;
+#[cfg(feature = "redis")]
+mod cluster;
 mod plot;
 mod pubsub;
 mod servers;
@@ -59,6 +91,14 @@ use wshub::Policy;
 
 use crate::servers::Kind;
 
+/// The cluster scenarios (`--features redis`).
+const CLUSTER_SCENARIOS: [&str; 4] = [
+    "cluster-1k",
+    "cluster-high",
+    "cluster-smoke",
+    "cluster-restart",
+];
+
 /// File descriptors each process keeps for itself besides its connections.
 const FD_RESERVE: u64 = 64;
 
@@ -71,12 +111,14 @@ struct Args {
     /// pub/sub ones: topics-1k (1,000 topics × 10 subscribers, 1 msg/s
     /// each), resume-storm (1,000 clients drop, miss 50 messages and
     /// resume at once) and pubsub-smoke (both, small; exits 1 unless
-    /// delivery is exact).
+    /// delivery is exact). With --features redis, the cluster ones:
+    /// cluster-1k, cluster-high, cluster-smoke and cluster-restart.
     #[arg(default_value = "fanout-1k")]
     scenarios: Vec<String>,
     /// Servers to measure, comma-separated: wshub, wshub:<policy>,
     /// wshub+metrics, ktor, axum, and wshub-pubsub (the pub/sub
-    /// scenarios'). Each scenario runs those of the list that speak its
+    /// scenarios'); wshub-redis and naive-redis (the cluster scenarios',
+    /// which also run wshub-pubsub as their single-node reference). Each scenario runs those of the list that speak its
     /// protocol. Default: the scenario's own list.
     #[arg(long, value_delimiter = ',')]
     servers: Vec<Kind>,
@@ -401,10 +443,16 @@ enum Target {
 
 impl Target {
     fn start(kind: Kind) -> Result<Target, String> {
+        Target::start_env(kind, &[])
+    }
+
+    /// A child serving `kind`, with `env` added to its environment.
+    fn start_env(kind: Kind, env: &[(&str, String)]) -> Result<Target, String> {
         let exe = std::env::current_exe().map_err(|e| format!("current exe: {e}"))?;
         let mut child = Command::new(exe)
             .arg("--serve")
             .arg(kind.to_string())
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -1099,7 +1147,8 @@ fn apply_overrides(scenario: &mut Scenario, args: &Args) {
         let own = std::mem::take(&mut scenario.variants);
         let pubsub = scenario.mode.is_pubsub();
         for kind in args.servers.iter().copied() {
-            if kind.is_pubsub() != pubsub {
+            // The Redis kinds speak only in the cluster scenarios.
+            if kind.is_pubsub() != pubsub || kind.is_cluster() {
                 continue;
             }
             let mine: Vec<Variant> = own
@@ -1161,8 +1210,30 @@ fn main() {
             std::process::exit(2);
         }
     };
+    let (cluster_names, names): (Vec<&str>, Vec<&str>) = args
+        .scenarios
+        .iter()
+        .map(String::as_str)
+        .partition(|name| name.starts_with("cluster-"));
+    for name in &cluster_names {
+        if !CLUSTER_SCENARIOS.contains(name) {
+            eprintln!(
+                "unknown scenario {name:?}: the cluster scenarios are {}",
+                CLUSTER_SCENARIOS.join(", ")
+            );
+            std::process::exit(2);
+        }
+    }
+    if !cfg!(feature = "redis") && !cluster_names.is_empty() {
+        eprintln!(
+            "cluster scenarios need --features redis: \
+             cargo bench --features redis --bench load -- {}",
+            cluster_names.join(" ")
+        );
+        std::process::exit(2);
+    }
     let mut scenarios = Vec::new();
-    for name in &args.scenarios {
+    for name in names {
         match scenario(name, limit.soft) {
             Ok(list) => scenarios.extend(list),
             Err(err) => {
@@ -1261,6 +1332,10 @@ fn main() {
                 }
             }
             everything.extend(summary);
+        }
+        #[cfg(feature = "redis")]
+        {
+            failed |= cluster::run(&cluster_names, &args, limit.soft).await;
         }
     });
     pubsub::compare(&everything, &args.out);

@@ -1,12 +1,14 @@
-//! The servers under test: wshub, wshub's pub/sub protocol, and the two
-//! baseline patterns.
+//! The servers under test: wshub, wshub's pub/sub protocol, the two
+//! baseline patterns, and (with the `redis` feature) a node of two on one
+//! Redis: wshub's `RedisBroker`, and the pattern people write by hand.
 //!
 //! Each runs in a child process of the benchmark so that its CPU time and
 //! memory are its own. The child prints `addr <socket address>` on stdout,
 //! answers every `stats` line on stdin with `stats <cpu µs> <rss KiB>
 //! <connections> [name=value...]` (wshub adds its hub's counters; the pub/sub
 //! server its topics, subscriptions and the counters summed over its topic
-//! hubs), and exits when stdin closes.
+//! hubs), and exits when stdin closes. The Redis kinds read the URL of
+//! their Redis from the environment variable `WSHUB_BENCH_REDIS_URL`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -48,6 +50,18 @@ pub enum Kind {
     /// axum's chat example: `tokio::sync::broadcast::<String>`, one copy
     /// per subscriber, `send` (write and flush) per message.
     Axum,
+    /// One node of several: wshub's `PubSub` on `RedisBroker` (default
+    /// `RedisConfig`), otherwise as [`Kind::WshubPubSub`]. Only the cluster
+    /// scenarios use it.
+    WshubRedis,
+    /// One node of several, by hand: a locked `Vec` of the node's sessions
+    /// (an unbounded channel and a writer task each, one write and flush
+    /// per message), every text message a client sends PUBLISHed on one
+    /// Redis channel through one multiplexed connection, and one
+    /// subscription to that channel whose every message goes to every
+    /// session of the list (the text shared, not copied per session). Only
+    /// the cluster scenarios use it.
+    NaiveRedis,
 }
 
 impl fmt::Display for Kind {
@@ -59,6 +73,8 @@ impl fmt::Display for Kind {
             Kind::WshubPubSub => f.write_str("wshub-pubsub"),
             Kind::Ktor => f.write_str("ktor-pattern"),
             Kind::Axum => f.write_str("axum-pattern"),
+            Kind::WshubRedis => f.write_str("wshub-redis"),
+            Kind::NaiveRedis => f.write_str("naive-redis"),
         }
     }
 }
@@ -73,10 +89,13 @@ impl FromStr for Kind {
             "wshub-pubsub" | "pubsub" => Ok(Kind::WshubPubSub),
             "ktor" | "ktor-pattern" => Ok(Kind::Ktor),
             "axum" | "axum-pattern" => Ok(Kind::Axum),
+            "wshub-redis" => Ok(Kind::WshubRedis),
+            "naive-redis" => Ok(Kind::NaiveRedis),
             _ => match s.strip_prefix("wshub:") {
                 Some(policy) => policy.parse().map(Kind::Wshub).map_err(|e| e.to_string()),
                 None => Err(format!(
-                    "unknown server {s:?}: expected wshub, wshub:<policy>, wshub+metrics, wshub-pubsub, ktor or axum"
+                    "unknown server {s:?}: expected wshub, wshub:<policy>, wshub+metrics, wshub-pubsub, ktor, axum, \
+                     wshub-redis or naive-redis"
                 )),
             },
         }
@@ -90,11 +109,27 @@ impl Kind {
         self == Kind::WshubPubSub
     }
 
+    /// Whether the server is a node on Redis (the cluster scenarios').
+    pub fn is_cluster(self) -> bool {
+        matches!(self, Kind::WshubRedis | Kind::NaiveRedis)
+    }
+
     /// The path the child serves.
     pub fn path(self) -> &'static str {
-        if self.is_pubsub() { "/pubsub" } else { "/ws" }
+        match self {
+            Kind::WshubPubSub | Kind::WshubRedis => "/pubsub",
+            _ => "/ws",
+        }
     }
 }
+
+/// The environment variable that gives a Redis kind its Redis URL.
+#[cfg(feature = "redis")]
+pub const REDIS_URL_ENV: &str = "WSHUB_BENCH_REDIS_URL";
+
+/// The one Redis channel of the hand-written pattern.
+#[cfg(feature = "redis")]
+const NAIVE_CHANNEL: &str = "naive-broadcast";
 
 /// Messages each pub/sub topic keeps for clients that resume.
 pub const HISTORY: usize = 100;
@@ -158,6 +193,38 @@ pub fn child_main(kind: Kind) -> ! {
                 let (tx, _) = broadcast::channel::<String>(CAPACITY);
                 tokio::spawn(serve_axum(listener, tx.clone()));
                 Box::new(move || tx.receiver_count().to_string())
+            }
+            #[cfg(feature = "redis")]
+            Kind::WshubRedis => {
+                let url = redis_url()?;
+                let broker = wshub::RedisBroker::connect(&url, wshub::RedisConfig::default())
+                    .await
+                    .map_err(std::io::Error::other)?;
+                let pubsub = PubSub::with_broker(
+                    PubSubConfig::default().topic(TopicConfig::default().history(HISTORY)),
+                    Arc::new(broker),
+                )
+                .map_err(std::io::Error::other)?;
+                tokio::spawn(serve_pubsub(listener, pubsub.clone(), connections.clone()));
+                Box::new(move || pubsub_stats(&pubsub, &connections))
+            }
+            #[cfg(feature = "redis")]
+            Kind::NaiveRedis => {
+                let url = redis_url()?;
+                let sessions = naive_redis(listener, &url, connections.clone()).await?;
+                Box::new(move || {
+                    format!(
+                        "{} sessions={}",
+                        connections.load(Ordering::Relaxed),
+                        sessions.lock().unwrap().len()
+                    )
+                })
+            }
+            #[cfg(not(feature = "redis"))]
+            Kind::WshubRedis | Kind::NaiveRedis => {
+                return Err(std::io::Error::other(format!(
+                    "{kind} needs the redis feature: cargo bench --features redis --bench load"
+                )));
             }
         };
         println!("addr {addr}");
@@ -263,6 +330,94 @@ fn pubsub_stats(pubsub: &PubSub, connections: &AtomicU64) -> String {
         connections.load(Ordering::Relaxed),
         names.len(),
     )
+}
+
+/// The Redis URL a Redis kind was started with.
+#[cfg(feature = "redis")]
+fn redis_url() -> std::io::Result<String> {
+    std::env::var(REDIS_URL_ENV)
+        .map_err(|_| std::io::Error::other(format!("{REDIS_URL_ENV} is not set")))
+}
+
+/// The hand-written pattern's list of local sessions.
+#[cfg(feature = "redis")]
+type NaiveList = Arc<std::sync::Mutex<Vec<mpsc::UnboundedSender<Message>>>>;
+
+/// Connects to Redis (one multiplexed connection for PUBLISH, one
+/// subscription), then serves the hand-written pattern on `listener` in a
+/// task of its own. Returns the session list.
+#[cfg(feature = "redis")]
+async fn naive_redis(
+    listener: TcpListener,
+    url: &str,
+    connections: Arc<AtomicU64>,
+) -> std::io::Result<NaiveList> {
+    let client = redis::Client::open(url).map_err(std::io::Error::other)?;
+    let publish = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(std::io::Error::other)?;
+    let mut subscription = client
+        .get_async_pubsub()
+        .await
+        .map_err(std::io::Error::other)?;
+    subscription
+        .subscribe(NAIVE_CHANNEL)
+        .await
+        .map_err(std::io::Error::other)?;
+    let sessions: NaiveList = Arc::default();
+    // Every message of the channel to every local session.
+    let list = sessions.clone();
+    tokio::spawn(async move {
+        let mut messages = subscription.into_on_message();
+        while let Some(msg) = messages.next().await {
+            let Ok(text) = String::from_utf8(msg.get_payload_bytes().to_vec()) else {
+                continue;
+            };
+            let msg = Message::text(text);
+            list.lock()
+                .unwrap()
+                .retain(|tx| tx.send(msg.clone()).is_ok());
+        }
+        eprintln!("naive-redis: the subscription ended");
+    });
+    let list = sessions.clone();
+    tokio::spawn(accept_loop(listener, move |tcp| {
+        let (list, connections) = (list.clone(), connections.clone());
+        let mut publish = publish.clone();
+        async move {
+            let Ok(ws) = tokio_tungstenite::accept_async(tcp).await else {
+                return;
+            };
+            let (mut sink, mut stream) = ws.split();
+            let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+            list.lock().unwrap().push(tx);
+            connections.fetch_add(1, Ordering::Relaxed);
+            let writer = tokio::spawn(async move {
+                while let Some(msg) = rx.recv().await {
+                    if sink.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            while let Some(Ok(msg)) = stream.next().await {
+                if let Message::Text(text) = msg {
+                    let published: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+                        .arg(NAIVE_CHANNEL)
+                        .arg(text.as_str())
+                        .query_async(&mut publish)
+                        .await;
+                    if let Err(err) = published {
+                        eprintln!("naive-redis: PUBLISH: {err}");
+                    }
+                }
+            }
+            // The forwarder drops the sender once the writer is gone.
+            writer.abort();
+            connections.fetch_sub(1, Ordering::Relaxed);
+        }
+    }));
+    Ok(sessions)
 }
 
 async fn accept_loop<F, Fut>(listener: TcpListener, mut per_connection: F)

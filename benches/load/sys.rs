@@ -40,6 +40,13 @@ pub fn own_cpu_micros() -> (u64, u64) {
 /// CPU time of another process in microseconds, from `/proc/PID/stat`
 /// (user + system clock ticks; Linux reports them at 100 per second).
 pub fn process_cpu_micros(pid: u32) -> io::Result<u64> {
+    let (user, system) = process_cpu_split(pid)?;
+    Ok(user + system)
+}
+
+/// User and system CPU time of another process in microseconds, from the
+/// clock ticks of `/proc/PID/stat` at the kernel's `CLK_TCK` rate.
+pub fn process_cpu_split(pid: u32) -> io::Result<(u64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name (field 2) may hold spaces; fields after it are plain.
     let rest = stat
@@ -54,7 +61,24 @@ pub fn process_cpu_micros(pid: u32) -> io::Result<u64> {
             .and_then(|f| f.parse().ok())
             .ok_or_else(|| io::Error::other("unreadable /proc stat"))
     };
-    Ok((ticks(11)? + ticks(12)?) * 10_000)
+    let per_tick = 1_000_000 / clock_ticks_per_sec();
+    Ok((ticks(11)? * per_tick, ticks(12)? * per_tick))
+}
+
+/// The kernel's clock ticks per second (`sysconf(_SC_CLK_TCK)`, read once
+/// through `getconf CLK_TCK`; 100, Linux's value everywhere, if that fails).
+pub fn clock_ticks_per_sec() -> u64 {
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|out| String::from_utf8(out.stdout).ok())
+            .and_then(|text| text.trim().parse().ok())
+            .filter(|&t: &u64| t > 0 && t <= 1_000_000)
+            .unwrap_or(100)
+    })
 }
 
 /// Resident set size in KiB of `pid`, or of this process when `None`.
