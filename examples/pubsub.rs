@@ -22,7 +22,7 @@
 //! ```text
 //! $ websocat ws://127.0.0.1:8080/pubsub
 //! {"id":1,"op":"subscribe","topic":"news"}
-//! > {"id":1,"ok":true,"epoch":"5c1f0e9a7b2d4c81","seq":0,"recovered":true}
+//! > {"id":1,"ok":true,"epoch":"5c1f0e9a7b2d4c81","seq":0,"recovered":true,"client":"c1"}
 //! {"id":2,"op":"publish","topic":"news","data":{"text":"hello"}}
 //! > {"op":"message","topic":"news","epoch":"5c1f0e9a7b2d4c81","seq":1,"data":{"text":"hello"}}
 //! > {"id":2,"ok":true,"seq":1}

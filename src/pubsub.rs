@@ -1160,10 +1160,11 @@ impl Connection {
             self.members.topics.push(topic.into());
         }
         let reply = format!(
-            r#","epoch":{},"seq":{},"recovered":{}"#,
+            r#","epoch":{},"seq":{},"recovered":{},"client":{}"#,
             broker::json_str(subscribed.position.epoch.as_str()),
             subscribed.position.seq,
-            subscribed.recovered
+            subscribed.recovered,
+            broker::json_str(&self.client.id)
         );
         // The reply goes ahead of the topic's pushes: it is queued first,
         // and the subscription is handed to the send task right after it.

@@ -92,6 +92,19 @@ async fn subscribe_publish_unsubscribe_presence_and_history() {
     assert_eq!(members[0]["info"], json!({"name": "ann"}));
     assert_eq!(members[1]["info"], json!({"name": "bob"}));
     assert!(members[0]["client"].as_str().unwrap().starts_with('c'));
+    // Each subscribe reply names the connection's own client id, so that a
+    // client finds itself among the members.
+    let ann_id = ann.subscribe("own").await["client"].clone();
+    let bob_id = bob.subscribe("own").await["client"].clone();
+    assert_ne!(ann_id, bob_id);
+    let named = |id: &Value| {
+        members
+            .iter()
+            .find(|m| &m["client"] == id)
+            .map(|m| m["info"].clone())
+    };
+    assert_eq!(named(&ann_id), Some(json!({"name": "ann"})), "{reply}");
+    assert_eq!(named(&bob_id), Some(json!({"name": "bob"})), "{reply}");
 
     // History: the most recent, oldest first, as message pushes.
     let reply = bob
