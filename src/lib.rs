@@ -211,6 +211,7 @@ pub use metrics::{Metrics, MetricsBuilder};
 pub use policy::{ParsePolicyError, Policy};
 pub use pubsub::{
     Client, PubSub, PubSubConfig, PubSubError, SUBPROTOCOL, Subscribed, TopicConfig, TopicReceiver,
+    WSHUB_JS,
 };
 #[cfg(feature = "redis")]
 pub use redis_broker::{RedisBroker, RedisConfig};

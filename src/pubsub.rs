@@ -34,6 +34,34 @@ use crate::topics::{TopicError, Topics, TopicsConfig};
 /// offers it.
 pub const SUBPROTOCOL: &str = "wshub.v1";
 
+/// `wshub.js`, the protocol's browser client: dependency-free JavaScript
+/// that connects, subscribes with handlers, publishes (a promise of the
+/// seq), lists presence, and reconnects by itself, resuming each topic from
+/// the last position it saw. Serve it next to the route; its reference is
+/// `docs/WSHUB_JS.md`.
+///
+/// ```
+/// use wshub::{PubSub, PubSubConfig, Server, WSHUB_JS};
+///
+/// let pubsub = PubSub::new(PubSubConfig::default()).unwrap();
+/// let server = Server::new()
+///     .page("/wshub.js", "text/javascript; charset=utf-8", WSHUB_JS)
+///     .pubsub("/pubsub", &pubsub);
+/// # drop(server);
+/// ```
+///
+/// and in the page:
+///
+/// ```text
+/// <script src="/wshub.js"></script>
+/// <script>
+///   const hub = new WsHub("/pubsub");
+///   hub.subscribe("news", { message(data, meta) { console.log(meta.seq, data); } });
+///   hub.publish("news", { text: "hi" }).then((seq) => console.log("published as", seq));
+/// </script>
+/// ```
+pub const WSHUB_JS: &str = include_str!("../js/wshub.js");
+
 /// What one topic keeps and sends, chosen by name with
 /// [`PubSubConfig::config_for`].
 #[derive(Clone, Debug)]
