@@ -15,6 +15,7 @@ use wshub::{Hub, Server, Session};
 mod frames;
 #[allow(unused_imports)] // as dead_code above: each test binary uses its own part
 pub use frames::{MASK, client_frame, frame_header, masked};
+pub mod cdp;
 pub mod peer;
 pub mod process;
 #[cfg(feature = "redis")]
