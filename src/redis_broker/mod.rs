@@ -249,7 +249,11 @@ enum Command {
 }
 
 fn redis_error(err: RedisError) -> BrokerError {
-    if err.code() == Some("OOM") {
+    // A script is refused at its first write when Redis is full: Redis 7
+    // reports that as a script error whose text carries the OOM reply, while
+    // a plain command gets the OOM code itself.
+    let oom = err.code() == Some("OOM") || err.to_string().contains("OOM command not allowed");
+    if oom {
         BrokerError::Limit(format!("Redis is out of memory: {err}"))
     } else {
         BrokerError::Unavailable(format!("Redis: {err}"))
