@@ -52,7 +52,7 @@
   WsHubError.prototype = Object.create(Error.prototype);
   WsHubError.prototype.constructor = WsHubError;
 
-  /** `ws://` or `wss://` for a URL given relative to the page. */
+  /** A ws: or wss: URL for one given relative to the page. */
   function socketUrl(url) {
     var parsed = new URL(url, global.location ? global.location.href : undefined);
     if (parsed.protocol === "http:") parsed.protocol = "ws:";

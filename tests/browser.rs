@@ -26,7 +26,19 @@ const SHOW: Duration = Duration::from_secs(20);
 
 fn chat_binary() -> &'static PathBuf {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| build_example("chat", &[]))
+    // With the features this test binary has, so that the library is not
+    // built again for it (and `--redis` works under `--all-features`).
+    BINARY.get_or_init(|| {
+        let features: Vec<&str> = [
+            ("tls", cfg!(feature = "tls")),
+            ("axum", cfg!(feature = "axum")),
+            ("redis", cfg!(feature = "redis")),
+        ]
+        .into_iter()
+        .filter_map(|(feature, on)| on.then_some(feature))
+        .collect();
+        build_example("chat", &features)
+    })
 }
 
 fn start_chat(args: &[&str]) -> ExampleProcess {
@@ -203,6 +215,7 @@ async fn two_pages_chat_in_a_room_and_see_each_other_and_the_history() {
 /// and refuse while it is down: a network drop, as the page meets it.
 struct Relay {
     addr: SocketAddr,
+    to: Arc<Mutex<SocketAddr>>,
     up: Arc<AtomicBool>,
     open: Arc<Mutex<Vec<AbortHandle>>>,
     task: AbortHandle,
@@ -214,13 +227,15 @@ impl Relay {
         let addr = listener.local_addr().unwrap();
         let up = Arc::new(AtomicBool::new(true));
         let open: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
-        let (accepting, relays) = (up.clone(), open.clone());
+        let to = Arc::new(Mutex::new(to));
+        let (accepting, relays, target) = (up.clone(), open.clone(), to.clone());
         let task = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 if !accepting.load(Ordering::SeqCst) {
                     // Down: the connection is closed at once.
                     continue;
                 }
+                let to = *target.lock().unwrap();
                 let relay = tokio::spawn(async move {
                     if let Ok(mut server) = TcpStream::connect(to).await {
                         let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
@@ -232,6 +247,7 @@ impl Relay {
         .abort_handle();
         Relay {
             addr,
+            to,
             up,
             open,
             task,
@@ -251,6 +267,12 @@ impl Relay {
 
     fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
+    }
+
+    /// Relays new connections to `to` from now on (a server that came back
+    /// on another port).
+    fn retarget(&self, to: SocketAddr) {
+        *self.to.lock().unwrap() = to;
     }
 }
 
@@ -346,6 +368,129 @@ async fn a_page_cut_off_reconnects_resumes_and_shows_each_missed_message_once() 
     ann.screenshot(&screenshot_path("chat-resumed")).await;
 }
 
+/// The text of the page's connection badge.
+async fn badge(page: &Page) -> String {
+    let state = page
+        .eval("document.getElementById('state').textContent")
+        .await;
+    state.as_str().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn a_restarted_server_is_found_again_and_its_fresh_history_shown_as_such() {
+    let mut server = start_chat(&[]);
+    let relay = Relay::start(server.addr).await;
+    let browser = Browser::launch().await;
+    let ann = browser.page(&page_url(relay.addr)).await;
+    let name = online(&ann, 1).await;
+    say(&ann, "before the restart").await;
+    shows(&ann, &format!("{name} said: before the restart")).await;
+
+    // The embedded broker's history goes with the process.
+    server.kill();
+    ann.wait_until(
+        "ann's page to show it is offline",
+        "document.getElementById('state').classList.contains('reconnecting')",
+        SHOW,
+    )
+    .await;
+    let again = start_chat(&[]);
+    relay.retarget(again.addr);
+    // The page finds the new process by itself, under the same name.
+    assert_eq!(online(&ann, 1).await, name, "{}", badge(&ann).await);
+    ann.wait_until(
+        "a line saying the room's history started afresh",
+        "Array.from(document.querySelectorAll('#lines .line.gap')).some(l => l.textContent.includes('started afresh'))",
+        SHOW,
+    )
+    .await;
+    say(&ann, "after the restart").await;
+    shows(&ann, &format!("{name} said: after the restart")).await;
+    let seqs = strings(
+        ann.eval(
+            "Array.from(document.querySelectorAll('#lines .line.message')).map(l => l.dataset.seq)",
+        )
+        .await,
+    );
+    assert_eq!(seqs, ["1", "1"], "the new process numbers from 1 again");
+}
+
+/// Two chat nodes on one `redis-server`: a page on each talks to the
+/// other; one node is killed and started again, and its page comes back to
+/// it with everything said on the other node meanwhile, once.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn two_nodes_on_redis_share_a_room_and_a_restarted_node_loses_nothing() {
+    let redis = common::redis::RedisServer::start();
+    let url = redis.url();
+    let mut first = start_chat(&["--redis", &url]);
+    let second = start_chat(&["--redis", &url]);
+    let relay = Relay::start(first.addr).await;
+    let browser = Browser::launch().await;
+    let ann = browser.page(&page_url(relay.addr)).await;
+    let ann_name = online(&ann, 1).await;
+    let bob = browser.page(&page_url(second.addr)).await;
+    let bob_name = online(&bob, 2).await;
+    // Presence spans the nodes.
+    ann.wait_until(
+        "bob, on the other node, in ann's member list",
+        &format!("({MEMBERS}).includes({})", json!(bob_name)),
+        SHOW,
+    )
+    .await;
+    say(&ann, "from the first node").await;
+    shows(&bob, &format!("{ann_name} said: from the first node")).await;
+    say(&bob, "from the second node").await;
+    shows(&ann, &format!("{bob_name} said: from the second node")).await;
+
+    first.kill();
+    ann.wait_until(
+        "ann's page to show it is offline",
+        "document.getElementById('state').classList.contains('reconnecting')",
+        SHOW,
+    )
+    .await;
+    let missed: Vec<String> = (1..=3)
+        .map(|n| format!("while the node was down {n}"))
+        .collect();
+    for text in &missed {
+        say(&bob, text).await;
+        shows(&bob, &format!("{bob_name} said: {text}")).await;
+    }
+    let restarted = start_chat(&["--redis", &url]);
+    relay.retarget(restarted.addr);
+    for text in &missed {
+        shows(&ann, &format!("{bob_name} said: {text}")).await;
+    }
+    let said: Vec<String> = lines(&ann)
+        .await
+        .into_iter()
+        .filter(|l| l.contains(" said: "))
+        .collect();
+    let mut expected = vec![
+        format!("{ann_name} said: from the first node"),
+        format!("{bob_name} said: from the second node"),
+    ];
+    expected.extend(missed.iter().map(|t| format!("{bob_name} said: {t}")));
+    assert_eq!(said, expected, "each once, in order");
+    let gaps = ann
+        .eval("document.querySelectorAll('#lines .line.gap').length")
+        .await;
+    assert_eq!(gaps, 0, "the history in Redis kept them all");
+    // The killed node's entry for ann lapses with its lease (10 s): then
+    // both lists show the two of them.
+    for page in [&ann, &bob] {
+        page.wait_until(
+            "two members once the dead node's lease lapsed",
+            "document.querySelectorAll('#members li').length === 2",
+            Duration::from_secs(30),
+        )
+        .await;
+    }
+    say(&ann, "back on the first node").await;
+    shows(&bob, &format!("{ann_name} said: back on the first node")).await;
+}
+
 #[tokio::test]
 async fn markup_in_a_message_or_a_name_is_shown_as_text() {
     let server = start_chat(&[]);
@@ -434,4 +579,121 @@ async fn wshub_js_publishes_with_promises_and_rejects_with_the_error_code() {
             "closed": "disconnected",
         })
     );
+}
+
+/// A plain `GET`: the status line, the headers (lower-cased names) and the body.
+async fn get(addr: SocketAddr, path: &str) -> (String, Vec<(String, String)>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    common::within("the whole answer", stream.read_to_end(&mut raw))
+        .await
+        .unwrap();
+    let text = String::from_utf8(raw).expect("a UTF-8 answer");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
+    let mut lines = head.lines();
+    let status = lines.next().unwrap_or_default().to_string();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
+}
+
+#[tokio::test]
+async fn the_chat_serves_its_page_script_style_and_wshub_js_from_the_binary() {
+    let server = start_chat(&[]);
+    for (path, content_type, part) in [
+        (
+            "/",
+            "text/html; charset=utf-8",
+            r#"<script src="/wshub.js"></script>"#,
+        ),
+        ("/chat.js", "text/javascript; charset=utf-8", "textContent"),
+        ("/chat.css", "text/css; charset=utf-8", "#lines"),
+        (
+            "/wshub.js",
+            "text/javascript; charset=utf-8",
+            wshub::WSHUB_JS,
+        ),
+    ] {
+        let (status, headers, body) = get(server.addr, path).await;
+        assert_eq!(status, "HTTP/1.1 200 OK", "{path}");
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(header("content-type"), Some(content_type), "{path}");
+        assert_eq!(header("content-length"), Some(&*body.len().to_string()));
+        assert!(body.contains(part), "{path}: {body}");
+        // Nothing from elsewhere: no CDN, works offline.
+        assert!(!body.contains("://"), "{path} names another origin");
+    }
+    let (status, _, _) = get(server.addr, "/nowhere").await;
+    assert!(status.starts_with("HTTP/1.1 404"), "{status}");
+}
+
+#[test]
+fn the_chat_refuses_a_history_of_nothing_with_a_reason() {
+    let err = match ExampleProcess::start(
+        chat_binary(),
+        &["--addr", "127.0.0.1:0", "--history", "0"],
+        "chat on http://",
+    ) {
+        Ok(_) => panic!("the chat started with --history 0"),
+        Err(err) => err,
+    };
+    assert!(err.contains("--history must be at least 1"), "{err}");
+    if !cfg!(feature = "redis") {
+        let err = match ExampleProcess::start(
+            chat_binary(),
+            &["--addr", "127.0.0.1:0", "--redis", "redis://127.0.0.1:1"],
+            "chat on http://",
+        ) {
+            Ok(_) => panic!("the chat started with --redis and no redis feature"),
+            Err(err) => err,
+        };
+        assert!(err.contains("--features redis"), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn wshub_js_backs_off_exponentially_with_jitter_up_to_its_ceiling() {
+    let server = start_chat(&[]);
+    let browser = Browser::launch().await;
+    let page = browser.page(&page_url(server.addr)).await;
+    // A port nothing listens on (a free one, just released): every attempt
+    // is refused at once.
+    let nowhere = common::process::free_port();
+    let delays = page
+        .eval(&format!(
+            r#"(async () => {{
+                const down = new WsHub("ws://{nowhere}/pubsub", {{minDelay: 40, maxDelay: 200}});
+                const delays = [];
+                await new Promise((ok) => down.on("state", (s) => {{
+                    if (s.state === "reconnecting") {{ delays.push([s.attempt, s.delay]); if (delays.length === 6) ok(); }}
+                }}));
+                down.close();
+                return delays;
+            }})()"#
+        ))
+        .await;
+    let delays = delays.as_array().expect("a list").clone();
+    assert_eq!(delays.len(), 6);
+    for (n, pair) in delays.iter().enumerate() {
+        let (attempt, delay) = (pair[0].as_u64().unwrap(), pair[1].as_f64().unwrap());
+        assert_eq!(attempt, n as u64 + 1);
+        // The ceiling doubles from minDelay up to maxDelay; each delay is
+        // drawn from its upper half.
+        let ceiling = (40.0 * 2f64.powi(n as i32)).min(200.0);
+        assert!(
+            (ceiling / 2.0..=ceiling).contains(&delay),
+            "attempt {attempt}: {delay} ms, not in [{}, {ceiling}]",
+            ceiling / 2.0
+        );
+    }
 }
