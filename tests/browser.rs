@@ -126,6 +126,54 @@ async fn shows(page: &Page, line: &str) {
     .await;
 }
 
+/// Waits until the page shows that it lost its connection and retries.
+async fn offline(page: &Page) {
+    page.wait_until(
+        "the page to show it is offline",
+        "document.getElementById('state').classList.contains('reconnecting')",
+        SHOW,
+    )
+    .await;
+}
+
+/// `page` says each of `texts`, and shows each once it is sent.
+async fn say_each(page: &Page, name: &str, texts: &[String]) {
+    for text in texts {
+        say(page, text).await;
+        shows(page, &format!("{name} said: {text}")).await;
+    }
+}
+
+/// Three lines numbered after `what`.
+fn three(what: &str) -> Vec<String> {
+    (1..=3).map(|n| format!("{what} {n}")).collect()
+}
+
+/// The "name said: text" lines of the page's current room.
+async fn said(page: &Page) -> Vec<String> {
+    lines(page)
+        .await
+        .into_iter()
+        .filter(|l| l.contains(" said: "))
+        .collect()
+}
+
+/// The seq of each message line the page shows, in every room.
+async fn seqs(page: &Page) -> Vec<String> {
+    strings(
+        page.eval(
+            "Array.from(document.querySelectorAll('#lines .line.message')).map(l => l.dataset.seq)",
+        )
+        .await,
+    )
+}
+
+/// How many gap lines the page shows.
+async fn gaps(page: &Page) -> Value {
+    page.eval("document.querySelectorAll('#lines .line.gap').length")
+        .await
+}
+
 #[tokio::test]
 async fn two_pages_chat_in_a_room_and_see_each_other_and_the_history() {
     let server = start_chat(&["--history", "50"]);
@@ -301,12 +349,7 @@ async fn a_page_cut_off_reconnects_resumes_and_shows_each_missed_message_once() 
     shows(&ann, &format!("{bob_name} said: before the cut")).await;
 
     assert!(relay.cut() >= 1, "ann's WebSocket went through the relay");
-    ann.wait_until(
-        "ann's page to show it is offline",
-        "document.getElementById('state').classList.contains('reconnecting')",
-        SHOW,
-    )
-    .await;
+    offline(&ann).await;
     let state = ann
         .eval("document.getElementById('state').textContent")
         .await;
@@ -321,13 +364,8 @@ async fn a_page_cut_off_reconnects_resumes_and_shows_each_missed_message_once() 
         SHOW,
     )
     .await;
-    let missed: Vec<String> = (1..=3)
-        .map(|n| format!("while you were away {n}"))
-        .collect();
-    for text in &missed {
-        say(&bob, text).await;
-        shows(&bob, &format!("{bob_name} said: {text}")).await;
-    }
+    let missed = three("while you were away");
+    say_each(&bob, &bob_name, &missed).await;
     // Still cut: ann's page has none of them yet.
     let seen = lines(&ann).await;
     assert!(
@@ -342,25 +380,11 @@ async fn a_page_cut_off_reconnects_resumes_and_shows_each_missed_message_once() 
     }
     // Once each, in order, after what came before, and no gap: the history
     // kept them all.
-    let said: Vec<String> = lines(&ann)
-        .await
-        .into_iter()
-        .filter(|l| l.contains(" said: "))
-        .collect();
     let mut expected = vec![format!("{bob_name} said: before the cut")];
     expected.extend(missed.iter().map(|t| format!("{bob_name} said: {t}")));
-    assert_eq!(said, expected);
-    let seqs = strings(
-        ann.eval(
-            "Array.from(document.querySelectorAll('#lines .line.message')).map(l => l.dataset.seq)",
-        )
-        .await,
-    );
-    assert_eq!(seqs, ["1", "2", "3", "4"]);
-    let gaps = ann
-        .eval("document.querySelectorAll('#lines .line.gap').length")
-        .await;
-    assert_eq!(gaps, 0);
+    assert_eq!(said(&ann).await, expected);
+    assert_eq!(seqs(&ann).await, ["1", "2", "3", "4"]);
+    assert_eq!(gaps(&ann).await, 0);
 
     // And live again: both ways.
     say(&ann, "back").await;
@@ -388,12 +412,7 @@ async fn a_restarted_server_is_found_again_and_its_fresh_history_shown_as_such()
 
     // The embedded broker's history goes with the process.
     server.kill();
-    ann.wait_until(
-        "ann's page to show it is offline",
-        "document.getElementById('state').classList.contains('reconnecting')",
-        SHOW,
-    )
-    .await;
+    offline(&ann).await;
     let again = start_chat(&[]);
     relay.retarget(again.addr);
     // The page finds the new process by itself, under the same name.
@@ -406,13 +425,11 @@ async fn a_restarted_server_is_found_again_and_its_fresh_history_shown_as_such()
     .await;
     say(&ann, "after the restart").await;
     shows(&ann, &format!("{name} said: after the restart")).await;
-    let seqs = strings(
-        ann.eval(
-            "Array.from(document.querySelectorAll('#lines .line.message')).map(l => l.dataset.seq)",
-        )
-        .await,
+    assert_eq!(
+        seqs(&ann).await,
+        ["1", "1"],
+        "the new process numbers from 1 again"
     );
-    assert_eq!(seqs, ["1", "1"], "the new process numbers from 1 again");
 }
 
 /// Two chat nodes on one `redis-server`: a page on each talks to the
@@ -444,39 +461,21 @@ async fn two_nodes_on_redis_share_a_room_and_a_restarted_node_loses_nothing() {
     shows(&ann, &format!("{bob_name} said: from the second node")).await;
 
     first.kill();
-    ann.wait_until(
-        "ann's page to show it is offline",
-        "document.getElementById('state').classList.contains('reconnecting')",
-        SHOW,
-    )
-    .await;
-    let missed: Vec<String> = (1..=3)
-        .map(|n| format!("while the node was down {n}"))
-        .collect();
-    for text in &missed {
-        say(&bob, text).await;
-        shows(&bob, &format!("{bob_name} said: {text}")).await;
-    }
+    offline(&ann).await;
+    let missed = three("while the node was down");
+    say_each(&bob, &bob_name, &missed).await;
     let restarted = start_chat(&["--redis", &url]);
     relay.retarget(restarted.addr);
     for text in &missed {
         shows(&ann, &format!("{bob_name} said: {text}")).await;
     }
-    let said: Vec<String> = lines(&ann)
-        .await
-        .into_iter()
-        .filter(|l| l.contains(" said: "))
-        .collect();
     let mut expected = vec![
         format!("{ann_name} said: from the first node"),
         format!("{bob_name} said: from the second node"),
     ];
     expected.extend(missed.iter().map(|t| format!("{bob_name} said: {t}")));
-    assert_eq!(said, expected, "each once, in order");
-    let gaps = ann
-        .eval("document.querySelectorAll('#lines .line.gap').length")
-        .await;
-    assert_eq!(gaps, 0, "the history in Redis kept them all");
+    assert_eq!(said(&ann).await, expected, "each once, in order");
+    assert_eq!(gaps(&ann).await, 0, "the history in Redis kept them all");
     // The killed node's entry for ann lapses with its lease (10 s): then
     // both lists show the two of them.
     for page in [&ann, &bob] {
@@ -637,26 +636,22 @@ async fn the_chat_serves_its_page_script_style_and_wshub_js_from_the_binary() {
     assert!(status.starts_with("HTTP/1.1 404"), "{status}");
 }
 
+/// What the chat says when it will not start with `args`.
+fn refusal(args: &[&str]) -> String {
+    let mut all = vec!["--addr", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    match ExampleProcess::start(chat_binary(), &all, "chat on http://") {
+        Ok(_) => panic!("the chat started with {args:?}"),
+        Err(err) => err,
+    }
+}
+
 #[test]
 fn the_chat_refuses_a_history_of_nothing_with_a_reason() {
-    let err = match ExampleProcess::start(
-        chat_binary(),
-        &["--addr", "127.0.0.1:0", "--history", "0"],
-        "chat on http://",
-    ) {
-        Ok(_) => panic!("the chat started with --history 0"),
-        Err(err) => err,
-    };
+    let err = refusal(&["--history", "0"]);
     assert!(err.contains("--history must be at least 1"), "{err}");
     if !cfg!(feature = "redis") {
-        let err = match ExampleProcess::start(
-            chat_binary(),
-            &["--addr", "127.0.0.1:0", "--redis", "redis://127.0.0.1:1"],
-            "chat on http://",
-        ) {
-            Ok(_) => panic!("the chat started with --redis and no redis feature"),
-            Err(err) => err,
-        };
+        let err = refusal(&["--redis", "redis://127.0.0.1:1"]);
         assert!(err.contains("--features redis"), "{err}");
     }
 }
