@@ -26,19 +26,7 @@ const SHOW: Duration = Duration::from_secs(20);
 
 fn chat_binary() -> &'static PathBuf {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    // With the features this test binary has, so that the library is not
-    // built again for it (and `--redis` works under `--all-features`).
-    BINARY.get_or_init(|| {
-        let features: Vec<&str> = [
-            ("tls", cfg!(feature = "tls")),
-            ("axum", cfg!(feature = "axum")),
-            ("redis", cfg!(feature = "redis")),
-        ]
-        .into_iter()
-        .filter_map(|(feature, on)| on.then_some(feature))
-        .collect();
-        build_example("chat", &features)
-    })
+    BINARY.get_or_init(|| build_example("chat", &[]))
 }
 
 fn start_chat(args: &[&str]) -> ExampleProcess {

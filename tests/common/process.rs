@@ -189,11 +189,30 @@ fn strip_ansi(line: &str) -> String {
     out
 }
 
-/// Builds the example `name` (with `features`) with the profile this test
-/// binary was built with, and returns the path of its binary in
-/// `target/<profile>/examples/`. The build is a no-op when it is fresh, so
-/// a test never runs a stale one; cache the path to build once per process.
+/// The crate features this test binary was built with.
+fn suite_features() -> impl Iterator<Item = &'static str> {
+    [
+        ("tls", cfg!(feature = "tls")),
+        ("axum", cfg!(feature = "axum")),
+        ("redis", cfg!(feature = "redis")),
+    ]
+    .into_iter()
+    .filter_map(|(feature, on)| on.then_some(feature))
+}
+
+/// Builds the example `name` (with `features`, and every feature this test
+/// binary has, so that the suite compiles the library once, not once per
+/// feature set) with the profile this test binary was built with, and
+/// returns the path of its binary in `target/<profile>/examples/`. The
+/// build is a no-op when it is fresh, so a test never runs a stale one;
+/// cache the path to build once per process.
 pub fn build_example(name: &str, features: &[&str]) -> PathBuf {
+    let mut features = features.to_vec();
+    for feature in suite_features() {
+        if !features.contains(&feature) {
+            features.push(feature);
+        }
+    }
     let exe = std::env::current_exe().expect("the test binary's own path");
     // …/target/<profile>/deps/<test>-<hash> → …/target/<profile>
     let profile_dir = exe
