@@ -99,6 +99,13 @@
 //! turn so that a busy topic never starves a quiet one, each under its own
 //! topic's policy.
 //!
+//! [`WSHUB_JS`] is the protocol's browser client, to serve next to the
+//! route: promises for publishes, presence, and reconnection with backoff
+//! that resumes each topic where it was (`docs/WSHUB_JS.md`). The `chat`
+//! example (`cargo run --release --example chat`, then open
+//! `http://127.0.0.1:8080/`) is Ktor's chat guide finished on it: rooms,
+//! names, presence, history, all in one binary.
+//!
 //! # Many nodes on Redis
 //!
 //! With the `redis` feature, [`RedisBroker`] lets several nodes behind a
