@@ -54,10 +54,19 @@ pub struct Counters {
     pub reorders: AtomicU64,
     /// Messages that were not the benchmark's own (e.g. lag notices).
     pub other: AtomicU64,
-    /// Set when publishing starts: slow clients stop reading then.
+    /// Set when publishing starts: slow clients stop reading then (or,
+    /// throttled, read one message per throttle interval).
     pub publishing: AtomicBool,
+    /// Data messages received by throttled slow clients.
+    pub slow_delivered: AtomicU64,
+    /// Messages missing from a publisher's sequence, as throttled slow
+    /// clients saw it.
+    pub slow_gaps: AtomicU64,
+    /// Messages throttled slow clients got after a later one.
+    pub slow_reorders: AtomicU64,
     latency: Mutex<Histogram<u64>>,
     closed: Mutex<BTreeMap<String, u64>>,
+    slow_closed: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Counters {
@@ -71,10 +80,14 @@ impl Counters {
             reorders: AtomicU64::new(0),
             other: AtomicU64::new(0),
             publishing: AtomicBool::new(false),
+            slow_delivered: AtomicU64::new(0),
+            slow_gaps: AtomicU64::new(0),
+            slow_reorders: AtomicU64::new(0),
             latency: Mutex::new(
                 Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("histogram bounds"),
             ),
             closed: Mutex::new(BTreeMap::new()),
+            slow_closed: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -91,6 +104,22 @@ impl Counters {
     /// Counts a client the server closed (or that lost its connection).
     pub fn record_closed(&self, why: String) {
         *self.closed.lock().unwrap().entry(why).or_default() += 1;
+    }
+
+    /// How many throttled slow clients the server closed, by close code or
+    /// error.
+    pub fn slow_closed(&self) -> BTreeMap<String, u64> {
+        self.slow_closed.lock().unwrap().clone()
+    }
+
+    /// Counts a closed client: a slow one only if it is throttled (a
+    /// stopped one is closed by design and counted nowhere).
+    fn record_close(&self, slow: bool, throttled: bool, why: String) {
+        if !slow {
+            self.record_closed(why);
+        } else if throttled {
+            *self.slow_closed.lock().unwrap().entry(why).or_default() += 1;
+        }
     }
 
     /// Moves a batch of latencies (µs) into the histogram.
@@ -125,12 +154,14 @@ pub struct Fleet {
 /// Opens `clients` connections to `ws://addr/path`, at most `concurrency`
 /// handshakes at a time, `slow` of them spread evenly and marked slow.
 /// The first `publishers` clients keep their write half for publishing.
+/// Once publishing starts, slow clients stop reading; with `throttle`, they
+/// keep reading instead, one message, then a pause of `throttle`.
 pub async fn connect(
     addr: SocketAddr,
     path: &str,
     clients: usize,
     publishers: usize,
-    slow: usize,
+    (slow, throttle): (usize, Option<Duration>),
     concurrency: usize,
 ) -> Fleet {
     let counters = Arc::new(Counters::new());
@@ -192,6 +223,7 @@ pub async fn connect(
                     counters: fleet.counters.clone(),
                     publishers,
                     slow,
+                    throttle: throttle.filter(|_| slow),
                     stop: fleet.stop.clone(),
                 };
                 if i < publishers {
@@ -266,6 +298,9 @@ struct Reader {
     counters: Arc<Counters>,
     publishers: usize,
     slow: bool,
+    /// A slow client's pause after each message once publishing starts
+    /// (`None`: it stops reading then).
+    throttle: Option<Duration>,
     stop: CancellationToken,
 }
 
@@ -280,11 +315,19 @@ impl Reader {
         let mut ready = false;
         let stopped = self.stop.cancelled();
         tokio::pin!(stopped);
+        let throttled = self.throttle.is_some();
         loop {
             if self.slow && counters.publishing.load(Ordering::Relaxed) {
-                // Stop reading but keep the connection open until the run ends.
-                stopped.await;
-                return;
+                let Some(pause) = self.throttle else {
+                    // Stop reading but keep the connection open until the run ends.
+                    stopped.await;
+                    return;
+                };
+                tokio::select! {
+                    biased;
+                    _ = &mut stopped => break,
+                    _ = tokio::time::sleep(pause) => {}
+                }
             }
             let msg = tokio::select! {
                 biased;
@@ -294,10 +337,8 @@ impl Reader {
             let text = match msg {
                 Some(Ok(Message::Text(text))) => text,
                 Some(Ok(Message::Close(frame))) => {
-                    if !self.slow {
-                        let code = frame.map_or(1005, |f| u16::from(f.code));
-                        counters.record_closed(format!("close {code}"));
-                    }
+                    let code = frame.map_or(1005, |f| u16::from(f.code));
+                    counters.record_close(self.slow, throttled, format!("close {code}"));
                     break;
                 }
                 Some(Ok(Message::Binary(_))) => {
@@ -306,15 +347,11 @@ impl Reader {
                 }
                 Some(Ok(_)) => continue,
                 Some(Err(err)) => {
-                    if !self.slow {
-                        counters.record_closed(format!("error: {err}"));
-                    }
+                    counters.record_close(self.slow, throttled, format!("error: {err}"));
                     break;
                 }
                 None => {
-                    if !self.slow {
-                        counters.record_closed("eof".to_string());
-                    }
+                    counters.record_close(self.slow, throttled, "eof".to_string());
                     break;
                 }
             };
@@ -331,6 +368,19 @@ impl Reader {
                     sent_ns,
                 }) if publisher < last.len() => {
                     if self.slow {
+                        if throttled {
+                            counters.slow_delivered.fetch_add(1, Ordering::Relaxed);
+                            let expected = last[publisher].map_or(0, |s| s + 1);
+                            if seq > expected {
+                                counters
+                                    .slow_gaps
+                                    .fetch_add(seq - expected, Ordering::Relaxed);
+                            } else if seq < expected {
+                                counters.slow_reorders.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            last[publisher] = Some(seq);
+                        }
                         continue;
                     }
                     counters.delivered.fetch_add(1, Ordering::Relaxed);

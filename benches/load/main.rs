@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo bench --bench load -- fanout-1k            # one scenario, every server
-//! cargo bench --bench load -- all --runs 3         # the six broadcast scenarios, medians of 3
+//! cargo bench --bench load -- all --runs 3         # the seven broadcast scenarios, medians of 3
 //! cargo bench --bench load -- sweep --runs 3       # p99 and CPU vs clients, SVG plot
 //! cargo bench --bench load -- fanout-1k topics-1k resume-storm --runs 3
 //!                                                  # pub/sub next to plain broadcast
@@ -17,9 +17,36 @@
 //! own); the clients run here. Results go to stdout as a table and to
 //! `target/load/<scenario>.json`. See docs/BENCHMARKS.md.
 //!
+//! Besides CPU time (user and system) per delivery, every run reports, from
+//! the server process's own accounting over the same window (after the
+//! warm-up until the end): its write syscalls per delivery (`syscw` of
+//! `/proc/self/io`; column `wsys/dlv`) and its context switches per second (`getrusage`'s `ru_nvcsw +
+//! ru_nivcsw`, voluntary and involuntary, also apart in the JSON; column
+//! `csw/s`). A figure the kernel does not give is shown as `-` (`null` in
+//! the JSON), never as 0. Beware: the kernel counts `syscw` on the VFS
+//! write path only (`write`, `writev`, `pwrite`...), not `send`, `sendto`
+//! or `sendmsg`, and Rust's `TcpStream::write` (std, mio, tokio) is a
+//! `send(MSG_NOSIGNAL)`; only vectored socket writes (`writev`) are counted.
+//! So `wsys/dlv` is a lower bound of the socket writes, not their number.
+//!
 //! The broadcast scenarios (`fanout-*`, `chat-1k`, `idle-max`,
-//! `slow-client`, `sweep`, `smoke`) load servers that relay every text
-//! message to every client. The pub/sub scenarios speak the protocol of
+//! `slow-client`, `slow-reader`, `sweep`, `smoke`) load servers that relay
+//! every text message to every client.
+//!
+//! - `slow-reader`: 1,000 clients, 1 publisher × 100 msg/s × 10 s, 1 KiB;
+//!   10 clients keep reading, but at half the publish rate (one message,
+//!   then a pause of two publish intervals), against wshub under each
+//!   policy (`suspend`, `drop-oldest`, `drop-latest`, `disconnect`) and the
+//!   same load without slow readers. The hub holds 128 messages and the
+//!   server's sockets 16 KiB (`SO_SNDBUF`), so the backlog reaches the hub
+//!   within seconds. Reports the other 990 clients' p50/p99 and their ratio
+//!   to the run without slow readers, the hub's `published`, `dropped`,
+//!   `evicted`, `lagged`, `disconnected` over the window, what the slow
+//!   readers received, missed (`gap`) and how they were closed, and the
+//!   server's RSS. Exits 1 if the counters disagree with what the clients
+//!   saw, or a fast client lost a message (except drop-latest's, which are
+//!   checked to be exactly `dropped` per client: that policy discards into
+//!   the shared buffer, for every subscriber). The pub/sub scenarios speak the protocol of
 //! docs/PROTOCOL.md to the `wshub-pubsub` server (`PubSub` on `/pubsub`),
 //! see `pubsub.rs`:
 //!
@@ -74,6 +101,7 @@ mod cluster;
 mod plot;
 mod pubsub;
 mod servers;
+mod slow_reader;
 mod sys;
 
 use std::collections::BTreeMap;
@@ -107,7 +135,9 @@ const FD_RESERVE: u64 = 64;
 #[command(about)]
 struct Args {
     /// Scenarios to run: fanout-1k, fanout-high, fanout-10k, chat-1k,
-    /// idle-max, slow-client, sweep, smoke, or all (the first six); and the
+    /// idle-max, slow-client, slow-reader (10 of 1,000 clients read at half
+    /// the publish rate, every policy), sweep, smoke, or all (the first
+    /// seven); and the
     /// pub/sub ones: topics-1k (1,000 topics × 10 subscribers, 1 msg/s
     /// each), resume-storm (1,000 clients drop, miss 50 messages and
     /// resume at once) and pubsub-smoke (both, small; exits 1 unless
@@ -184,6 +214,14 @@ struct Scenario {
     payload: usize,
     /// Clients that stop reading once publishing starts.
     slow: usize,
+    /// Whether the slow clients keep reading at half the publish rate (one
+    /// message, then a pause of two publish intervals) instead of stopping.
+    throttled: bool,
+    /// The wshub hub's capacity, if not the benchmark's 1,024.
+    hub_capacity: Option<usize>,
+    /// `SO_SNDBUF` of the server's sockets in bytes, if not the kernel's
+    /// autotuned size.
+    server_sndbuf: Option<u32>,
     /// One broadcast after connecting, timed until every client has it.
     single_broadcast: bool,
     /// What the clients do.
@@ -215,10 +253,29 @@ impl Mode {
 impl Scenario {
     fn describe(&self) -> String {
         match self.mode {
-            Mode::Fanout => format!(
-                "{} clients ({} slow), {} publisher(s) × {} msg/s × {} s, {} B",
-                self.clients, self.slow, self.publishers, self.rate, self.duration, self.payload
-            ),
+            Mode::Fanout => {
+                let mut text = format!(
+                    "{} clients ({} slow{}), {} publisher(s) × {} msg/s × {} s, {} B",
+                    self.clients,
+                    self.slow,
+                    if self.throttled {
+                        ", reading at half rate"
+                    } else {
+                        ""
+                    },
+                    self.publishers,
+                    self.rate,
+                    self.duration,
+                    self.payload
+                );
+                if let Some(capacity) = self.hub_capacity {
+                    text.push_str(&format!(", hub capacity {capacity}"));
+                }
+                if let Some(bytes) = self.server_sndbuf {
+                    text.push_str(&format!(", server SO_SNDBUF {bytes} B"));
+                }
+                text
+            }
             Mode::Topics { topics, per_client } => format!(
                 "{} connections × {per_client} topics of {topics} ({} subscriptions), \
                  {} publisher connection(s), each topic {} msg/s × {} s, {} B data",
@@ -274,6 +331,9 @@ fn fanout(name: &str, clients: usize, publishers: usize, rate: f64) -> Scenario 
         duration: 10.0,
         payload: 64,
         slow: 0,
+        throttled: false,
+        hub_capacity: None,
+        server_sndbuf: None,
         single_broadcast: false,
         mode: Mode::Fanout,
         variants: baselines(),
@@ -338,6 +398,37 @@ fn scenario(name: &str, file_limit: u64) -> Result<Vec<Scenario>, String> {
                 ..fanout(name, 1000, 1, 100.0)
             }]
         }
+        "slow-reader" => {
+            let mut variants = vec![Variant {
+                label: "wshub (no slow readers)".to_string(),
+                kind: Kind::Wshub(Policy::Suspend),
+                slow: Some(0),
+                mode: None,
+            }];
+            for policy in Policy::ALL {
+                variants.push(Variant {
+                    label: format!("wshub:{policy}"),
+                    kind: Kind::Wshub(policy),
+                    slow: None,
+                    mode: None,
+                });
+            }
+            // 10 clients read at 50 msg/s of 100: 50 messages a second pile
+            // up for each. A 128-message hub buffer and 16 KiB socket send
+            // buffers (instead of about 1 MiB autotuned on loopback) let
+            // them reach the hub's buffer within a few seconds of the 10 s,
+            // so every policy has to act; the run without slow readers has
+            // the same settings.
+            vec![Scenario {
+                payload: 1024,
+                slow: 10,
+                throttled: true,
+                hub_capacity: Some(128),
+                server_sndbuf: Some(16 << 10),
+                variants,
+                ..fanout(name, 1000, 1, 100.0)
+            }]
+        }
         "sweep" => [100, 300, 1000, 3000, 10_000]
             .into_iter()
             .map(|n| fanout(&format!("sweep-{n}"), n, 1, 10.0))
@@ -398,6 +489,7 @@ fn scenario(name: &str, file_limit: u64) -> Result<Vec<Scenario>, String> {
                 "chat-1k",
                 "idle-max",
                 "slow-client",
+                "slow-reader",
             ] {
                 all.extend(scenario(name, file_limit)?);
             }
@@ -406,7 +498,8 @@ fn scenario(name: &str, file_limit: u64) -> Result<Vec<Scenario>, String> {
         _ => {
             return Err(format!(
                 "unknown scenario {name:?}: expected fanout-1k, fanout-high, fanout-10k, chat-1k, \
-                 idle-max, slow-client, sweep, smoke, all, topics-1k, resume-storm or pubsub-smoke"
+                 idle-max, slow-client, slow-reader, sweep, smoke, all, topics-1k, resume-storm or \
+                 pubsub-smoke"
             ));
         }
     })
@@ -420,6 +513,13 @@ struct ServerStats {
     user_us: Option<u64>,
     rss_kib: Option<u64>,
     connections: Option<u64>,
+    /// Write syscalls so far (`syscw` of `/proc/<pid>/io`).
+    syscw: Option<u64>,
+    /// Voluntary and involuntary context switches so far (`getrusage`'s
+    /// `ru_nvcsw`, `ru_nivcsw`).
+    switches: Option<(u64, u64)>,
+    /// When the figures were read (here, in the benchmark).
+    at: Option<Instant>,
     /// Named counters (wshub: its hub's `published`, `dropped`, `evicted`,
     /// `lagged`, `disconnected`).
     counters: BTreeMap<String, u64>,
@@ -442,10 +542,6 @@ enum Target {
 }
 
 impl Target {
-    fn start(kind: Kind) -> Result<Target, String> {
-        Target::start_env(kind, &[])
-    }
-
     /// A child serving `kind`, with `env` added to its environment.
     fn start_env(kind: Kind, env: &[(&str, String)]) -> Result<Target, String> {
         let exe = std::env::current_exe().map_err(|e| format!("current exe: {e}"))?;
@@ -531,11 +627,16 @@ impl Target {
                     .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
                     .collect();
                 let user_us = counters.remove("user_us");
+                let syscw = counters.remove("syscw");
+                let switches = counters.remove("nvcsw").zip(counters.remove("nivcsw"));
                 ServerStats {
                     cpu_us,
                     user_us,
                     rss_kib,
                     connections,
+                    syscw,
+                    switches,
+                    at: Some(Instant::now()),
                     counters,
                 }
             }
@@ -544,6 +645,9 @@ impl Target {
                 user_us: None,
                 rss_kib: sys::rss_kib(Some(*pid)).ok(),
                 connections: None,
+                syscw: sys::write_syscalls(Some(*pid)),
+                switches: sys::process_context_switches(*pid),
+                at: Some(Instant::now()),
                 counters: BTreeMap::new(),
             },
             Target::External { pid: None, .. } => ServerStats::default(),
@@ -592,6 +696,16 @@ struct RunResult {
     user_us_per_delivery: Option<f64>,
     /// The kernel's part of `cpu_us_per_delivery`.
     sys_us_per_delivery: Option<f64>,
+    /// The server's write syscalls over the same window, per delivery.
+    write_syscalls_per_delivery: Option<f64>,
+    /// The server's context switches (voluntary and involuntary) per second
+    /// of the same window.
+    context_switches_per_sec: Option<f64>,
+    /// The voluntary part of `context_switches_per_sec` (waits: for I/O, a
+    /// lock, an empty queue).
+    voluntary_switches_per_sec: Option<f64>,
+    /// The involuntary part (preemptions).
+    involuntary_switches_per_sec: Option<f64>,
     server_rss_start_kib: Option<u64>,
     server_rss_connected_kib: Option<u64>,
     server_rss_end_kib: Option<u64>,
@@ -599,6 +713,9 @@ struct RunResult {
     server_connections: Option<u64>,
     /// The server's own counters at the end (wshub: what its policy did).
     server_counters: BTreeMap<String, u64>,
+    /// What only the slow-reader scenario measures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slow_reader: Option<slow_reader::SlowReaderRun>,
     /// Every expected message delivered once, in order, and nothing else
     /// (pub/sub: no refusal, no `gap`, every client caught up).
     exact: bool,
@@ -628,6 +745,31 @@ impl RunResult {
             (Some(all), Some(user)) => per((all * 1e6 - user).max(0.0)),
             _ => None,
         };
+        self.set_syscalls_for(a, b, deliveries);
+    }
+
+    /// The server's write syscalls per delivery and context switches per
+    /// second between `a` and `b`; missing when either end lacks them.
+    fn set_syscalls_for(&mut self, a: &ServerStats, b: &ServerStats, deliveries: u64) {
+        self.write_syscalls_per_delivery = match (a.syscw, b.syscw) {
+            (Some(x), Some(y)) if deliveries > 0 => {
+                Some(y.saturating_sub(x) as f64 / deliveries as f64)
+            }
+            _ => None,
+        };
+        let secs = match (a.at, b.at) {
+            (Some(x), Some(y)) => Some(y.saturating_duration_since(x).as_secs_f64()),
+            _ => None,
+        }
+        .filter(|s| *s > 0.0);
+        let rate = |x: u64, y: u64| secs.map(|s| y.saturating_sub(x) as f64 / s);
+        let (voluntary, involuntary) = match (a.switches, b.switches) {
+            (Some((av, ai)), Some((bv, bi))) => (rate(av, bv), rate(ai, bi)),
+            _ => (None, None),
+        };
+        self.voluntary_switches_per_sec = voluntary;
+        self.involuntary_switches_per_sec = involuntary;
+        self.context_switches_per_sec = voluntary.zip(involuntary).map(|(v, i)| v + i);
     }
 
     /// Server RSS before and after the clients connected, per connection.
@@ -680,9 +822,16 @@ async fn run_once(
             variant.kind, scenario.name
         ));
     }
+    let mut env = Vec::new();
+    if let Some(capacity) = scenario.hub_capacity {
+        env.push((servers::CAPACITY_ENV, capacity.to_string()));
+    }
+    if let Some(bytes) = scenario.server_sndbuf {
+        env.push((servers::SNDBUF_ENV, bytes.to_string()));
+    }
     let mut target = match &args.url {
         Some(url) => Target::external(url, args.server_pid)?,
-        None => Target::start(variant.kind)?,
+        None => Target::start_env(variant.kind, &env)?,
     };
     match mode {
         Mode::Fanout => {}
@@ -716,7 +865,12 @@ async fn run_once(
         target.path(),
         scenario.clients,
         scenario.publishers,
-        slow,
+        (
+            slow,
+            scenario
+                .throttled
+                .then(|| Duration::from_secs_f64(2.0 / scenario.rate)),
+        ),
         args.concurrency,
     )
     .await;
@@ -807,6 +961,21 @@ async fn run_once(
     };
     result.set_cpu_for(&connected, &end, delivered);
     result.set_rss(&start, &connected, connected_n);
+    if scenario.throttled {
+        let policy = match variant.kind {
+            Kind::Wshub(policy) => Some(policy),
+            _ => None,
+        };
+        let slow = (
+            counters.slow_delivered.load(Ordering::Relaxed),
+            counters.slow_gaps.load(Ordering::Relaxed),
+            counters.slow_reorders.load(Ordering::Relaxed),
+            counters.slow_closed(),
+        );
+        result.slow_reader = Some(slow_reader::figures(
+            &result, policy, &connected, &end, slow,
+        ));
+    }
     result.server_counters = end.counters;
     Ok(result)
 }
@@ -830,6 +999,10 @@ struct Summary {
     cpu_us_per_delivery: Option<f64>,
     user_us_per_delivery: Option<f64>,
     sys_us_per_delivery: Option<f64>,
+    write_syscalls_per_delivery: Option<f64>,
+    context_switches_per_sec: Option<f64>,
+    voluntary_switches_per_sec: Option<f64>,
+    involuntary_switches_per_sec: Option<f64>,
     server_rss_connected_mib: Option<f64>,
     server_rss_end_mib: Option<f64>,
     kib_per_connection: Option<f64>,
@@ -892,6 +1065,10 @@ fn summarize(results: &[RunResult]) -> Vec<Summary> {
                 cpu_us_per_delivery: opt(&|r| r.cpu_us_per_delivery),
                 user_us_per_delivery: opt(&|r| r.user_us_per_delivery),
                 sys_us_per_delivery: opt(&|r| r.sys_us_per_delivery),
+                write_syscalls_per_delivery: opt(&|r| r.write_syscalls_per_delivery),
+                context_switches_per_sec: opt(&|r| r.context_switches_per_sec),
+                voluntary_switches_per_sec: opt(&|r| r.voluntary_switches_per_sec),
+                involuntary_switches_per_sec: opt(&|r| r.involuntary_switches_per_sec),
                 server_rss_connected_mib: opt(&|r| {
                     r.server_rss_connected_kib.map(|k| k as f64 / 1024.0)
                 }),
@@ -932,7 +1109,7 @@ fn fmt_opt(v: Option<f64>, digits: usize) -> String {
 
 fn print_table(summaries: &[Summary]) {
     println!(
-        "{:<24} {:>4} {:>6} {:>5} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
+        "{:<24} {:>4} {:>6} {:>5} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
         "server",
         "runs",
         "conn",
@@ -948,6 +1125,8 @@ fn print_table(summaries: &[Summary]) {
         "µs/deliv",
         "user µs",
         "sys µs",
+        "wsys/dlv",
+        "csw/s",
         "RSS MiB",
         "KiB/conn",
         "closed",
@@ -955,7 +1134,7 @@ fn print_table(summaries: &[Summary]) {
     );
     for s in summaries {
         println!(
-            "{:<24} {:>4} {:>6} {:>5} {:>7.4} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
+            "{:<24} {:>4} {:>6} {:>5} {:>7.4} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
             s.server,
             s.runs,
             s.connected,
@@ -971,6 +1150,8 @@ fn print_table(summaries: &[Summary]) {
             fmt_opt(s.cpu_us_per_delivery, 2),
             fmt_opt(s.user_us_per_delivery, 2),
             fmt_opt(s.sys_us_per_delivery, 2),
+            fmt_opt(s.write_syscalls_per_delivery, 3),
+            fmt_opt(s.context_switches_per_sec, 0),
             fmt_opt(s.server_rss_connected_mib, 1),
             fmt_opt(s.kib_per_connection, 2),
             s.closed_by_server,
@@ -1015,10 +1196,16 @@ fn print_table(summaries: &[Summary]) {
             _ => "-".to_string(),
         };
         println!(
-            "  wshub / {:<14} CPU per delivery {} (user {})   p99 {}   RSS {}",
+            "  wshub / {:<14} CPU per delivery {} (user {})   write syscalls per delivery {}   \
+             context switches/s {}   p99 {}   RSS {}",
             base.server,
             ratio(ours.cpu_us_per_delivery, base.cpu_us_per_delivery),
             ratio(ours.user_us_per_delivery, base.user_us_per_delivery),
+            ratio(
+                ours.write_syscalls_per_delivery,
+                base.write_syscalls_per_delivery
+            ),
+            ratio(ours.context_switches_per_sec, base.context_switches_per_sec),
             ratio(Some(ours.p99_ms), Some(base.p99_ms)),
             ratio(ours.server_rss_connected_mib, base.server_rss_connected_mib),
         );
@@ -1314,6 +1501,9 @@ fn main() {
             {
                 eprintln!("smoke: a server lost messages or connections");
                 failed = true;
+            }
+            if scenario.throttled {
+                failed |= slow_reader::report(&results, &summary);
             }
             if scenario.name == "pubsub-smoke" {
                 let expected = args.runs.max(1);

@@ -7,7 +7,10 @@
 //! answers every `stats` line on stdin with `stats <cpu µs> <rss KiB>
 //! <connections> [name=value...]` (wshub adds its hub's counters; the pub/sub
 //! server its topics, subscriptions and the counters summed over its topic
-//! hubs), and exits when stdin closes. The Redis kinds read the URL of
+//! hubs; every kind its `user_us`, and, when the kernel gives them, its
+//! write syscalls `syscw` from `/proc/self/io` and its voluntary and
+//! involuntary context switches `nvcsw`, `nivcsw` from `getrusage`), and
+//! exits when stdin closes. The Redis kinds read the URL of
 //! their Redis from the environment variable `WSHUB_BENCH_REDIS_URL`.
 
 use std::collections::HashMap;
@@ -28,6 +31,13 @@ use crate::sys;
 
 /// Messages the hub (or the axum pattern's channel) buffers per subscriber.
 pub const CAPACITY: usize = 1024;
+/// The environment variable that overrides the wshub kinds' hub capacity
+/// (else [`CAPACITY`]).
+pub const CAPACITY_ENV: &str = "WSHUB_BENCH_CAPACITY";
+/// The environment variable that sets `SO_SNDBUF` (bytes) on the listening
+/// socket, which the connections it accepts inherit (else the kernel's
+/// autotuning, which lets a loopback socket buffer about 1 MiB).
+pub const SNDBUF_ENV: &str = "WSHUB_BENCH_SNDBUF";
 /// Ktor's per-session outgoing channel holds 8 frames before `send` suspends.
 const KTOR_OUTGOING: usize = 8;
 
@@ -151,7 +161,8 @@ pub fn child_main(kind: Kind) -> ! {
                     Kind::Wshub(policy) => policy,
                     _ => Policy::Suspend,
                 };
-                let hub = Hub::with_config(HubConfig::default().capacity(CAPACITY).policy(policy))
+                let capacity = env_number(CAPACITY_ENV)?.unwrap_or(CAPACITY);
+                let hub = Hub::with_config(HubConfig::default().capacity(capacity).policy(policy))
                     .map_err(std::io::Error::other)?;
                 let metrics = (kind == Kind::WshubMetrics).then(Metrics::new);
                 if let Some(metrics) = &metrics {
@@ -237,7 +248,21 @@ pub fn child_main(kind: Kind) -> ! {
                 if line.trim() == "stats" {
                     let rss = sys::rss_kib(None).unwrap_or(0);
                     let (user, system) = sys::own_cpu_micros();
-                    println!("stats {} {} {} user_us={user}", user + system, rss, count());
+                    // Fields the kernel may not give are left out, so that
+                    // the benchmark reports them missing rather than zero.
+                    let mut extra = String::new();
+                    if let Some(syscw) = sys::write_syscalls(None) {
+                        extra.push_str(&format!(" syscw={syscw}"));
+                    }
+                    if let Some((voluntary, involuntary)) = sys::own_context_switches() {
+                        extra.push_str(&format!(" nvcsw={voluntary} nivcsw={involuntary}"));
+                    }
+                    println!(
+                        "stats {} {} {} user_us={user}{extra}",
+                        user + system,
+                        rss,
+                        count()
+                    );
                     let _ = std::io::stdout().flush();
                 }
             }
@@ -252,10 +277,25 @@ pub fn child_main(kind: Kind) -> ! {
     std::process::exit(0)
 }
 
-/// A loopback listener with a backlog deep enough for bursts of handshakes.
+/// A number from the environment variable `name`, if set.
+fn env_number<T: FromStr>(name: &str) -> std::io::Result<Option<T>> {
+    match std::env::var(name) {
+        Ok(value) => value
+            .parse()
+            .map(Some)
+            .map_err(|_| std::io::Error::other(format!("{name}={value:?} is not a number"))),
+        Err(_) => Ok(None),
+    }
+}
+
+/// A loopback listener with a backlog deep enough for bursts of handshakes
+/// (and the send buffer of [`SNDBUF_ENV`], if set).
 async fn listen() -> std::io::Result<TcpListener> {
     let socket = TcpSocket::new_v4()?;
     socket.set_reuseaddr(true)?;
+    if let Some(bytes) = env_number::<u32>(SNDBUF_ENV)? {
+        socket.set_send_buffer_size(bytes)?;
+    }
     socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
     socket.listen(4096)
 }

@@ -1,4 +1,5 @@
-//! Process accounting: open-file limit, CPU time and resident memory.
+//! Process accounting: open-file limit, CPU time, resident memory, write
+//! syscalls and context switches.
 
 use std::io;
 
@@ -93,4 +94,51 @@ pub fn rss_kib(pid: Option<u32>) -> io::Result<u64> {
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .ok_or_else(|| io::Error::other("no VmRSS line"))
+}
+
+/// Write syscalls `pid` has made, or this process when `None`: the `syscw`
+/// field of `/proc/PID/io`. The kernel counts it on the VFS write path
+/// (`write`, `writev`, `pwrite`, ...), not in `send`, `sendto` or
+/// `sendmsg`: a socket written with `send` (as Rust's `TcpStream::write`
+/// does) adds nothing. `None` when the file cannot be read (a kernel
+/// without task I/O accounting, or another user's process).
+pub fn write_syscalls(pid: Option<u32>) -> Option<u64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/io"),
+        None => "/proc/self/io".to_string(),
+    };
+    let io = std::fs::read_to_string(path).ok()?;
+    io.lines()
+        .find_map(|line| line.strip_prefix("syscw:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Voluntary and involuntary context switches of this process so far, from
+/// `getrusage(RUSAGE_SELF)` (`ru_nvcsw`, `ru_nivcsw`), summed over its
+/// threads.
+pub fn own_context_switches() -> Option<(u64, u64)> {
+    let usage = getrusage(UsageWho::RUSAGE_SELF).ok()?;
+    Some((
+        u64::try_from(usage.voluntary_context_switches()).ok()?,
+        u64::try_from(usage.involuntary_context_switches()).ok()?,
+    ))
+}
+
+/// Voluntary and involuntary context switches of another process, summed
+/// over its threads: `voluntary_ctxt_switches` and
+/// `nonvoluntary_ctxt_switches` of each `/proc/PID/task/*/status`.
+pub fn process_context_switches(pid: u32) -> Option<(u64, u64)> {
+    let (mut voluntary, mut involuntary) = (0, 0);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let status = std::fs::read_to_string(task.ok()?.path().join("status")).ok()?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        voluntary += field("voluntary_ctxt_switches:")?;
+        involuntary += field("nonvoluntary_ctxt_switches:")?;
+    }
+    Some((voluntary, involuntary))
 }
