@@ -46,9 +46,10 @@
 //!   server's RSS. Exits 1 if the counters disagree with what the clients
 //!   saw, or a fast client lost a message (except drop-latest's, which are
 //!   checked to be exactly `dropped` per client: that policy discards into
-//!   the shared buffer, for every subscriber). The pub/sub scenarios speak the protocol of
-//! docs/PROTOCOL.md to the `wshub-pubsub` server (`PubSub` on `/pubsub`),
-//! see `pubsub.rs`:
+//!   the shared buffer, for every subscriber).
+//!
+//! The pub/sub scenarios speak the protocol of docs/PROTOCOL.md to the
+//! `wshub-pubsub` server (`PubSub` on `/pubsub`), see `pubsub.rs`:
 //!
 //! - `topics-1k`: 1,000 topics, 1,000 connections each subscribed to 10
 //!   (`(c·10 + k) mod 1000`: 10 subscribers per topic, 10,000
