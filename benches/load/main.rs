@@ -19,15 +19,13 @@
 //!
 //! Besides CPU time (user and system) per delivery, every run reports, from
 //! the server process's own accounting over the same window (after the
-//! warm-up until the end): its write syscalls per delivery (`syscw` of
-//! `/proc/self/io`; column `wsys/dlv`) and its context switches per second (`getrusage`'s `ru_nvcsw +
-//! ru_nivcsw`, voluntary and involuntary, also apart in the JSON; column
-//! `csw/s`). A figure the kernel does not give is shown as `-` (`null` in
-//! the JSON), never as 0. Beware: the kernel counts `syscw` on the VFS
-//! write path only (`write`, `writev`, `pwrite`...), not `send`, `sendto`
-//! or `sendmsg`, and Rust's `TcpStream::write` (std, mio, tokio) is a
-//! `send(MSG_NOSIGNAL)`; only vectored socket writes (`writev`) are counted.
-//! So `wsys/dlv` is a lower bound of the socket writes, not their number.
+//! warm-up until the end): its context switches per second (`getrusage`'s
+//! `ru_nvcsw + ru_nivcsw`, voluntary and involuntary, also apart in the
+//! JSON; column `csw/s`). A figure the kernel does not give is shown as `-`
+//! (`null` in the JSON), never as 0. Write syscalls per delivery are not
+//! reported: the kernel's own count (`syscw` of `/proc/PID/io`) covers the
+//! VFS write path only, not the `send` that Rust's `TcpStream::write` is,
+//! so it reads 0 for every server here.
 //!
 //! The broadcast scenarios (`fanout-*`, `chat-1k`, `idle-max`,
 //! `slow-client`, `slow-reader`, `sweep`, `smoke`) load servers that relay
@@ -514,8 +512,6 @@ struct ServerStats {
     user_us: Option<u64>,
     rss_kib: Option<u64>,
     connections: Option<u64>,
-    /// Write syscalls so far (`syscw` of `/proc/<pid>/io`).
-    syscw: Option<u64>,
     /// Voluntary and involuntary context switches so far (`getrusage`'s
     /// `ru_nvcsw`, `ru_nivcsw`).
     switches: Option<(u64, u64)>,
@@ -628,14 +624,12 @@ impl Target {
                     .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
                     .collect();
                 let user_us = counters.remove("user_us");
-                let syscw = counters.remove("syscw");
                 let switches = counters.remove("nvcsw").zip(counters.remove("nivcsw"));
                 ServerStats {
                     cpu_us,
                     user_us,
                     rss_kib,
                     connections,
-                    syscw,
                     switches,
                     at: Some(Instant::now()),
                     counters,
@@ -646,7 +640,6 @@ impl Target {
                 user_us: None,
                 rss_kib: sys::rss_kib(Some(*pid)).ok(),
                 connections: None,
-                syscw: sys::write_syscalls(Some(*pid)),
                 switches: sys::process_context_switches(*pid),
                 at: Some(Instant::now()),
                 counters: BTreeMap::new(),
@@ -697,8 +690,6 @@ struct RunResult {
     user_us_per_delivery: Option<f64>,
     /// The kernel's part of `cpu_us_per_delivery`.
     sys_us_per_delivery: Option<f64>,
-    /// The server's write syscalls over the same window, per delivery.
-    write_syscalls_per_delivery: Option<f64>,
     /// The server's context switches (voluntary and involuntary) per second
     /// of the same window.
     context_switches_per_sec: Option<f64>,
@@ -746,18 +737,12 @@ impl RunResult {
             (Some(all), Some(user)) => per((all * 1e6 - user).max(0.0)),
             _ => None,
         };
-        self.set_syscalls_for(a, b, deliveries);
+        self.set_switches_for(a, b);
     }
 
-    /// The server's write syscalls per delivery and context switches per
-    /// second between `a` and `b`; missing when either end lacks them.
-    fn set_syscalls_for(&mut self, a: &ServerStats, b: &ServerStats, deliveries: u64) {
-        self.write_syscalls_per_delivery = match (a.syscw, b.syscw) {
-            (Some(x), Some(y)) if deliveries > 0 => {
-                Some(y.saturating_sub(x) as f64 / deliveries as f64)
-            }
-            _ => None,
-        };
+    /// The server's context switches per second between `a` and `b`;
+    /// missing when either end lacks them.
+    fn set_switches_for(&mut self, a: &ServerStats, b: &ServerStats) {
         let secs = match (a.at, b.at) {
             (Some(x), Some(y)) => Some(y.saturating_duration_since(x).as_secs_f64()),
             _ => None,
@@ -1000,7 +985,6 @@ struct Summary {
     cpu_us_per_delivery: Option<f64>,
     user_us_per_delivery: Option<f64>,
     sys_us_per_delivery: Option<f64>,
-    write_syscalls_per_delivery: Option<f64>,
     context_switches_per_sec: Option<f64>,
     voluntary_switches_per_sec: Option<f64>,
     involuntary_switches_per_sec: Option<f64>,
@@ -1066,7 +1050,6 @@ fn summarize(results: &[RunResult]) -> Vec<Summary> {
                 cpu_us_per_delivery: opt(&|r| r.cpu_us_per_delivery),
                 user_us_per_delivery: opt(&|r| r.user_us_per_delivery),
                 sys_us_per_delivery: opt(&|r| r.sys_us_per_delivery),
-                write_syscalls_per_delivery: opt(&|r| r.write_syscalls_per_delivery),
                 context_switches_per_sec: opt(&|r| r.context_switches_per_sec),
                 voluntary_switches_per_sec: opt(&|r| r.voluntary_switches_per_sec),
                 involuntary_switches_per_sec: opt(&|r| r.involuntary_switches_per_sec),
@@ -1110,7 +1093,7 @@ fn fmt_opt(v: Option<f64>, digits: usize) -> String {
 
 fn print_table(summaries: &[Summary]) {
     println!(
-        "{:<24} {:>4} {:>6} {:>5} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
+        "{:<24} {:>4} {:>6} {:>5} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
         "server",
         "runs",
         "conn",
@@ -1126,7 +1109,6 @@ fn print_table(summaries: &[Summary]) {
         "µs/deliv",
         "user µs",
         "sys µs",
-        "wsys/dlv",
         "csw/s",
         "RSS MiB",
         "KiB/conn",
@@ -1135,7 +1117,7 @@ fn print_table(summaries: &[Summary]) {
     );
     for s in summaries {
         println!(
-            "{:<24} {:>4} {:>6} {:>5} {:>7.4} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
+            "{:<24} {:>4} {:>6} {:>5} {:>7.4} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
             s.server,
             s.runs,
             s.connected,
@@ -1151,7 +1133,6 @@ fn print_table(summaries: &[Summary]) {
             fmt_opt(s.cpu_us_per_delivery, 2),
             fmt_opt(s.user_us_per_delivery, 2),
             fmt_opt(s.sys_us_per_delivery, 2),
-            fmt_opt(s.write_syscalls_per_delivery, 3),
             fmt_opt(s.context_switches_per_sec, 0),
             fmt_opt(s.server_rss_connected_mib, 1),
             fmt_opt(s.kib_per_connection, 2),
@@ -1197,15 +1178,11 @@ fn print_table(summaries: &[Summary]) {
             _ => "-".to_string(),
         };
         println!(
-            "  wshub / {:<14} CPU per delivery {} (user {})   write syscalls per delivery {}   \
-             context switches/s {}   p99 {}   RSS {}",
+            "  wshub / {:<14} CPU per delivery {} (user {})   context switches/s {}   p99 {}   \
+             RSS {}",
             base.server,
             ratio(ours.cpu_us_per_delivery, base.cpu_us_per_delivery),
             ratio(ours.user_us_per_delivery, base.user_us_per_delivery),
-            ratio(
-                ours.write_syscalls_per_delivery,
-                base.write_syscalls_per_delivery
-            ),
             ratio(ours.context_switches_per_sec, base.context_switches_per_sec),
             ratio(Some(ours.p99_ms), Some(base.p99_ms)),
             ratio(ours.server_rss_connected_mib, base.server_rss_connected_mib),

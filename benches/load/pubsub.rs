@@ -1397,11 +1397,6 @@ pub fn compare(summaries: &[crate::Summary], out: &std::path::Path) {
         ("CPU µs/delivery", &|s| s.cpu_us_per_delivery, 2),
         ("  user µs", &|s| s.user_us_per_delivery, 2),
         ("  sys µs", &|s| s.sys_us_per_delivery, 2),
-        (
-            "write syscalls/deliv",
-            &|s| s.write_syscalls_per_delivery,
-            3,
-        ),
         ("ctx switches/s", &|s| s.context_switches_per_sec, 0),
         ("deliveries/s", &|s| Some(s.deliveries_per_sec), 0),
         ("p50 ms", &|s| Some(s.p50_ms), 2),

@@ -8,8 +8,8 @@
 //! <connections> [name=value...]` (wshub adds its hub's counters; the pub/sub
 //! server its topics, subscriptions and the counters summed over its topic
 //! hubs; every kind its `user_us`, and, when the kernel gives them, its
-//! write syscalls `syscw` from `/proc/self/io` and its voluntary and
-//! involuntary context switches `nvcsw`, `nivcsw` from `getrusage`), and
+//! voluntary and involuntary context switches `nvcsw`, `nivcsw` from
+//! `getrusage`), and
 //! exits when stdin closes. The Redis kinds read the URL of
 //! their Redis from the environment variable `WSHUB_BENCH_REDIS_URL`.
 
@@ -251,9 +251,6 @@ pub fn child_main(kind: Kind) -> ! {
                     // Fields the kernel may not give are left out, so that
                     // the benchmark reports them missing rather than zero.
                     let mut extra = String::new();
-                    if let Some(syscw) = sys::write_syscalls(None) {
-                        extra.push_str(&format!(" syscw={syscw}"));
-                    }
                     if let Some((voluntary, involuntary)) = sys::own_context_switches() {
                         extra.push_str(&format!(" nvcsw={voluntary} nivcsw={involuntary}"));
                     }

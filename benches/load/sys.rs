@@ -96,23 +96,6 @@ pub fn rss_kib(pid: Option<u32>) -> io::Result<u64> {
         .ok_or_else(|| io::Error::other("no VmRSS line"))
 }
 
-/// Write syscalls `pid` has made, or this process when `None`: the `syscw`
-/// field of `/proc/PID/io`. The kernel counts it on the VFS write path
-/// (`write`, `writev`, `pwrite`, ...), not in `send`, `sendto` or
-/// `sendmsg`: a socket written with `send` (as Rust's `TcpStream::write`
-/// does) adds nothing. `None` when the file cannot be read (a kernel
-/// without task I/O accounting, or another user's process).
-pub fn write_syscalls(pid: Option<u32>) -> Option<u64> {
-    let path = match pid {
-        Some(pid) => format!("/proc/{pid}/io"),
-        None => "/proc/self/io".to_string(),
-    };
-    let io = std::fs::read_to_string(path).ok()?;
-    io.lines()
-        .find_map(|line| line.strip_prefix("syscw:"))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 /// Voluntary and involuntary context switches of this process so far, from
 /// `getrusage(RUSAGE_SELF)` (`ru_nvcsw`, `ru_nivcsw`), summed over its
 /// threads.
