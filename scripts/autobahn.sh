@@ -32,6 +32,9 @@
 #
 # Environment (all optional):
 #   CARGO_TARGET_DIR        where cargo builds (honoured as usual)
+#   AUTOBAHN_FEATURES       crate features to build the example with (default:
+#                           none; .ci/run passes those of its release build of
+#                           the benchmark, so the library is built once)
 #   AUTOBAHN_OUTDIR         report directory (default: target/autobahn)
 #   AUTOBAHN_CASES          space-separated case globs (default: "1.* ... 10.*"; Autobahn
 #                           has no section 8, and kosoku rejects a glob
@@ -109,8 +112,9 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-log "cargo build --release --example sharedflow (target dir: $target_dir)"
-run_child cargo build --release --example sharedflow || die "build failed"
+features=(${AUTOBAHN_FEATURES:+--features "$AUTOBAHN_FEATURES"})
+log "cargo build --release --example sharedflow ${features[*]} (target dir: $target_dir)"
+run_child cargo build --release --example sharedflow "${features[@]}" || die "build failed"
 server_bin=$target_dir/release/examples/sharedflow
 [[ -x $server_bin ]] || die "no server binary at $server_bin"
 
