@@ -505,13 +505,7 @@ async fn a_handler_that_ignores_shutdown_is_aborted_after_the_shutdown_timeout()
 /// `cargo test --all-features`.
 fn example_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let mut features = vec!["axum"];
-        if cfg!(feature = "tls") {
-            features.push("tls");
-        }
-        build_example("axum", &features)
-    })
+    BINARY.get_or_init(|| build_example("axum", &["axum"]))
 }
 
 /// How the example names its address once it listens.

@@ -730,14 +730,7 @@ async fn a_publisher_over_the_rate_is_told_and_then_closed() {
 const BANNER: &str = "pubsub on ws://";
 
 fn example_binary() -> std::path::PathBuf {
-    let mut features = Vec::new();
-    if cfg!(feature = "tls") {
-        features.push("tls");
-    }
-    if cfg!(feature = "axum") {
-        features.push("axum");
-    }
-    build_example("pubsub", &features)
+    build_example("pubsub", &[])
 }
 
 /// The example on a port it is given, with its flags: replay and history

@@ -367,32 +367,32 @@ impl Reader {
                     seq,
                     sent_ns,
                 }) if publisher < last.len() => {
-                    if self.slow {
-                        if throttled {
-                            counters.slow_delivered.fetch_add(1, Ordering::Relaxed);
-                            let expected = last[publisher].map_or(0, |s| s + 1);
-                            if seq > expected {
-                                counters
-                                    .slow_gaps
-                                    .fetch_add(seq - expected, Ordering::Relaxed);
-                            } else if seq < expected {
-                                counters.slow_reorders.fetch_add(1, Ordering::Relaxed);
-                                continue;
-                            }
-                            last[publisher] = Some(seq);
-                        }
+                    // A stopped slow client counts nothing; a throttled one
+                    // has counts of its own, and no latencies.
+                    if self.slow && !throttled {
                         continue;
                     }
-                    counters.delivered.fetch_add(1, Ordering::Relaxed);
-                    latencies.push(now_ns().saturating_sub(sent_ns) / 1000);
-                    if latencies.len() >= 256 {
-                        counters.record_latencies(&mut latencies);
+                    let (delivered, gaps, reorders) = if self.slow {
+                        (
+                            &counters.slow_delivered,
+                            &counters.slow_gaps,
+                            &counters.slow_reorders,
+                        )
+                    } else {
+                        (&counters.delivered, &counters.gaps, &counters.reorders)
+                    };
+                    delivered.fetch_add(1, Ordering::Relaxed);
+                    if !self.slow {
+                        latencies.push(now_ns().saturating_sub(sent_ns) / 1000);
+                        if latencies.len() >= 256 {
+                            counters.record_latencies(&mut latencies);
+                        }
                     }
                     let expected = last[publisher].map_or(0, |s| s + 1);
                     if seq > expected {
-                        counters.gaps.fetch_add(seq - expected, Ordering::Relaxed);
+                        gaps.fetch_add(seq - expected, Ordering::Relaxed);
                     } else if seq < expected {
-                        counters.reorders.fetch_add(1, Ordering::Relaxed);
+                        reorders.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
                     last[publisher] = Some(seq);

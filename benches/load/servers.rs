@@ -9,9 +9,8 @@
 //! server its topics, subscriptions and the counters summed over its topic
 //! hubs; every kind its `user_us`, and, when the kernel gives them, its
 //! voluntary and involuntary context switches `nvcsw`, `nivcsw` from
-//! `getrusage`), and
-//! exits when stdin closes. The Redis kinds read the URL of
-//! their Redis from the environment variable `WSHUB_BENCH_REDIS_URL`.
+//! `getrusage`), and exits when stdin closes. The Redis kinds read the URL
+//! of their Redis from the environment variable `WSHUB_BENCH_REDIS_URL`.
 
 use std::collections::HashMap;
 use std::fmt;

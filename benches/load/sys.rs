@@ -1,5 +1,5 @@
-//! Process accounting: open-file limit, CPU time, resident memory, write
-//! syscalls and context switches.
+//! Process accounting: open-file limit, CPU time, resident memory and
+//! context switches.
 
 use std::io;
 
