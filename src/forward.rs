@@ -126,22 +126,8 @@ impl Forwarding {
         }
     }
 
-    /// Waits for the next item (the path of a send task with one
-    /// subscription: the hub's own receive future).
-    pub(crate) async fn next(&mut self) -> Item {
-        if let Some(msg) = self.topic.as_mut().and_then(|t| t.backlog.pop_front()) {
-            return Item::Backlog(msg);
-        }
-        loop {
-            let result = self.sub.recv().await;
-            if let Some(item) = self.sequence(result) {
-                return item;
-            }
-        }
-    }
-
     /// Waits for the next item.
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Item> {
+    pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Item> {
         if let Some(msg) = self.topic.as_mut().and_then(|t| t.backlog.pop_front()) {
             return Poll::Ready(Item::Backlog(msg));
         }
@@ -365,18 +351,16 @@ impl Forwards {
         None
     }
 
-    /// Waits for the next item of any subscription (for ever if none).
-    pub(crate) async fn next(&mut self) -> (usize, Item) {
+    /// Waits for the next item of any subscription (for ever if none). A
+    /// subscription waiting on its hub keeps its listener between polls, so
+    /// a send task that wakes for something else does not listen anew.
+    pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<(usize, Item)> {
         if self.single() {
             return match self.first.as_mut() {
-                Some(fwd) => (0, fwd.next().await),
-                None => std::future::pending().await,
+                Some(fwd) => fwd.poll_next(cx).map(|item| (0, item)),
+                None => Poll::Pending,
             };
         }
-        std::future::poll_fn(|cx| self.poll_next(cx)).await
-    }
-
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<(usize, Item)> {
         let len = self.len();
         let mut at = self.turn();
         for _ in 0..len {

@@ -581,7 +581,7 @@ impl TopicReceiver {
     /// when this receiver fell behind (a session would be closed);
     /// [`RecvError::Closed`] if the topic's hub is closed.
     pub async fn recv(&mut self) -> Result<Message, RecvError> {
-        match self.fwd.next().await {
+        match std::future::poll_fn(|cx| self.fwd.poll_next(cx)).await {
             Item::Backlog(msg) | Item::Live(Ok(msg)) => Ok(msg),
             Item::Live(Err(err)) => Err(err),
         }

@@ -8,7 +8,8 @@
 //! after [`Session::join`], pings, and applies the hub's slow-client policy.
 
 use std::fmt;
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
@@ -25,7 +26,7 @@ use tracing::Instrument;
 
 use tokio::sync::{Semaphore, SemaphorePermit, TryAcquireError, oneshot};
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, Interval, MissedTickBehavior, sleep_until, timeout};
+use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
@@ -198,6 +199,12 @@ impl Signal {
         }
     }
 
+    /// Takes a waiting ring, if there is one, without waiting.
+    fn take(&self) -> bool {
+        // A load first: most looks find nothing, and need not write.
+        self.rung.load(Ordering::Acquire) && self.rung.swap(false, Ordering::AcqRel)
+    }
+
     /// Whether a ring is waiting, without taking it.
     fn is_rung(&self) -> bool {
         self.rung.load(Ordering::Acquire)
@@ -220,6 +227,9 @@ struct Queue {
     items: Mutex<VecDeque<Command>>,
     /// One permit per free place; closed when the send task has ended.
     room: Semaphore,
+    /// The number of places: with this many permits free, the queue is
+    /// empty, which `pop` sees without taking the lock.
+    capacity: usize,
 }
 
 /// Why a command was not queued; it is handed back.
@@ -230,9 +240,11 @@ enum Refused {
 
 impl Queue {
     fn new(capacity: usize) -> Queue {
+        let capacity = capacity.clamp(1, Semaphore::MAX_PERMITS);
         Queue {
             items: Mutex::new(VecDeque::new()),
-            room: Semaphore::new(capacity.clamp(1, Semaphore::MAX_PERMITS)),
+            room: Semaphore::new(capacity),
+            capacity,
         }
     }
 
@@ -277,6 +289,11 @@ impl Queue {
     }
 
     fn pop(&self) -> Option<Command> {
+        // A place is taken before its command is queued and given back after
+        // it is taken out, so all places free means nothing is queued.
+        if self.room.available_permits() == self.capacity {
+            return None;
+        }
         let command = self.lock().pop_front();
         if command.is_some() {
             self.room.add_permits(1);
@@ -1189,7 +1206,9 @@ impl fmt::Debug for Outgoing {
 struct Ping {
     interval: Option<Interval>,
     period: Option<Duration>,
-    deadline: Option<Instant>,
+    /// Set when a ping goes out with none unanswered; boxed, as most of a
+    /// session's life has no ping waiting for its pong.
+    deadline: Option<Pin<Box<Sleep>>>,
     pongs_at_ping: u64,
     sent: u64,
 }
@@ -1222,22 +1241,52 @@ impl Ping {
         }
     }
 
-    async fn tick(&mut self) {
+    /// Ready when a ping is due.
+    fn poll_tick(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         match self.interval.as_mut() {
-            Some(interval) => {
-                interval.tick().await;
-            }
-            None => std::future::pending().await,
+            Some(interval) => interval.poll_tick(cx).map(drop),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Ready when the pong deadline has passed.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self.deadline.as_mut() {
+            Some(deadline) => deadline.as_mut().poll(cx),
+            None => Poll::Pending,
         }
     }
 }
 
-/// Sleeps until `deadline`, or for ever if there is none.
-async fn sleep_until_some(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
+/// What woke the send task.
+enum Wake {
+    /// The signal: a kill, a close request, new settings or a command.
+    Rung,
+    /// A hub message, or a report from the hub.
+    Hub((usize, Item)),
+    PongDeadline,
+    Idle,
+    Ping,
+}
+
+/// A batch in progress.
+#[derive(Default)]
+struct Batch {
+    /// Messages taken so far (hub items count even when their policy
+    /// writes nothing for them).
+    written: usize,
+    /// `Outgoing::flush` callers to answer once the batch is flushed.
+    flush_waiters: Vec<oneshot::Sender<()>>,
+    /// `max_batch` cut the batch short.
+    cut: bool,
+}
+
+/// What a batch waits for when the socket does not take it at once.
+enum Blocked {
+    /// Room in the write buffer for this message.
+    Room(Message),
+    /// The flush that ends the batch.
+    Flush,
 }
 
 /// Why the send task's main loop stopped.
@@ -1362,20 +1411,19 @@ impl SendTask {
             if fast_runs < self.max_batch && !self.shared.wake.is_rung() {
                 if let Some(item) = self.subs.try_next() {
                     fast_runs += 1;
-                    if let Err(stop) = Box::pin(self.batch(None, Some(item))).await {
+                    if let Err(stop) = self.batch(None, Some(item)).await {
                         return stop;
                     }
                     continue;
                 }
             }
+            let timers_first = fast_runs >= self.max_batch;
             fast_runs = 0;
-            let pong_deadline = self.ping.deadline;
-            tokio::select! {
-                biased;
+            match poll_fn(|cx| self.poll_wake(cx, timers_first)).await {
                 // Kills, close requests (server shutdown included), new
                 // settings and queued commands all ring one signal, so an idle
                 // send task waits on one atomic, one timer and the hub.
-                _ = self.shared.wake.rung() => {
+                Wake::Rung => {
                     if self.shared.killed.load(Ordering::Acquire) {
                         return Stop::Kill;
                     }
@@ -1388,12 +1436,17 @@ impl SendTask {
                         self.ping.apply(self.shared.settings());
                     }
                     if let Some(command) = self.shared.queue.pop() {
-                        if let Err(stop) = Box::pin(self.batch(Some(command), None)).await {
+                        if let Err(stop) = self.batch(Some(command), None).await {
                             return stop;
                         }
                     }
                 }
-                _ = sleep_until_some(pong_deadline) => {
+                Wake::Hub(item) => {
+                    if let Err(stop) = self.batch(None, Some(item)).await {
+                        return stop;
+                    }
+                }
+                Wake::PongDeadline => {
                     if self.shared.pongs.load(Ordering::Relaxed) > self.ping.pongs_at_ping {
                         self.ping.deadline = None;
                     } else {
@@ -1405,7 +1458,7 @@ impl SendTask {
                         });
                     }
                 }
-                _ = poll_fn(|cx| poll_idle(&mut self.idle, &self.shared, cx)) => {
+                Wake::Idle => {
                     tracing::debug!("idle timeout");
                     return Stop::Close(CloseRequest {
                         reason: close_reason(CloseCode::Away, "idle timeout"),
@@ -1413,13 +1466,8 @@ impl SendTask {
                         drain_hub: false,
                     });
                 }
-                _ = self.ping.tick() => {
+                Wake::Ping => {
                     if let Err(stop) = Box::pin(self.send_ping()).await {
-                        return stop;
-                    }
-                }
-                item = self.subs.next() => {
-                    if let Err(stop) = Box::pin(self.batch(None, Some(item))).await {
                         return stop;
                     }
                 }
@@ -1427,11 +1475,50 @@ impl SendTask {
         }
     }
 
-    /// Writes one item, then whatever else is ready (up to `max_batch`), then flushes once.
+    /// Waits for the next thing to do. The signal (kills and close requests
+    /// among what rings it) always comes first. Then the hub: a hub message
+    /// is what usually wakes a send task, and taking it before the timers
+    /// leaves them alone on the way (they were armed when the task went to
+    /// sleep, and fire on their own). With `timers_first`, after `max_batch`
+    /// runs of a hub that was never empty, the timers are looked at before
+    /// the hub, so a busy hub cannot starve pings and timeouts.
+    fn poll_wake(&mut self, cx: &mut Context<'_>, timers_first: bool) -> Poll<Wake> {
+        if self.shared.wake.take() {
+            return Poll::Ready(Wake::Rung);
+        }
+        if !timers_first {
+            if let Poll::Ready(item) = self.subs.poll_next(cx) {
+                return Poll::Ready(Wake::Hub(item));
+            }
+        }
+        if self.shared.wake.poll_rung(cx).is_ready() {
+            return Poll::Ready(Wake::Rung);
+        }
+        if self.ping.poll_deadline(cx).is_ready() {
+            return Poll::Ready(Wake::PongDeadline);
+        }
+        if poll_idle(&mut self.idle, &self.shared, cx).is_ready() {
+            return Poll::Ready(Wake::Idle);
+        }
+        if self.ping.poll_tick(cx).is_ready() {
+            return Poll::Ready(Wake::Ping);
+        }
+        if timers_first {
+            if let Poll::Ready(item) = self.subs.poll_next(cx) {
+                return Poll::Ready(Wake::Hub(item));
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Writes one item, then whatever else is ready (up to `max_batch`), then
+    /// flushes once. Most batches never wait for the socket: they run in one
+    /// go, without a future of their own; one that must wait goes on in
+    /// [`wait_out`](Self::wait_out).
     async fn batch(
         &mut self,
-        mut command: Option<Command>,
-        mut forwarded: Option<(usize, Item)>,
+        command: Option<Command>,
+        forwarded: Option<(usize, Item)>,
     ) -> Result<(), Stop> {
         // Under Suspend, a batch that starts with a hub message looks at how
         // far behind this subscriber is: now, after the flush that ended the
@@ -1439,30 +1526,66 @@ impl SendTask {
         if forwarded.is_some() && self.subs.stalled() {
             return Err(self.stalled());
         }
-        let mut written = 0;
-        let mut flush_waiters = Vec::new();
-        let mut cut = false;
+        let mut batch = Batch::default();
+        let mut first = Some((command, forwarded));
+        let blocked = poll_fn(|cx| {
+            let (command, forwarded) = first.take().unwrap_or_default();
+            Poll::Ready(self.fill(cx, &mut batch, command, forwarded))
+        })
+        .await?;
+        match blocked {
+            None => {
+                self.finish(batch);
+                Ok(())
+            }
+            // Boxed: a rare path, kept out of the send task's own size.
+            Some(blocked) => Box::pin(self.wait_out(batch, blocked)).await,
+        }
+    }
+
+    /// Writes the items of a batch for as long as the socket takes them
+    /// without waiting, then flushes. Returns what the socket made it wait
+    /// for, if anything; `None` once the batch is written and flushed.
+    fn fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        batch: &mut Batch,
+        mut command: Option<Command>,
+        mut forwarded: Option<(usize, Item)>,
+    ) -> Result<Option<Blocked>, Stop> {
         loop {
-            if let Some(cmd) = command.take() {
+            let msg = if let Some(cmd) = command.take() {
                 match cmd {
                     Command::Send(msg) => {
-                        self.write(msg).await?;
-                        written += 1;
+                        batch.written += 1;
+                        Some(msg)
                     }
-                    Command::Flush(done) => flush_waiters.push(done),
-                    Command::Forward(new) => self.subs.add(*new),
+                    Command::Flush(done) => {
+                        batch.flush_waiters.push(done);
+                        None
+                    }
+                    Command::Forward(new) => {
+                        self.subs.add(*new);
+                        None
+                    }
                     Command::Unforward(key) => {
                         self.subs.remove(key);
+                        None
                     }
                 }
             } else if let Some((at, item)) = forwarded.take() {
-                if let Some(msg) = self.forwarded(at, item)? {
-                    self.write(msg).await?;
+                batch.written += 1;
+                self.forwarded(at, item)?
+            } else {
+                None
+            };
+            if let Some(msg) = msg {
+                if let Some(msg) = self.try_write(cx, msg)? {
+                    return Ok(Some(Blocked::Room(msg)));
                 }
-                written += 1;
             }
-            if written >= self.max_batch {
-                cut = true;
+            if batch.written >= self.max_batch {
+                batch.cut = true;
                 break;
             }
             // Take what is already waiting: the handler's queue first, then the hub.
@@ -1475,22 +1598,69 @@ impl SendTask {
                 None => break,
             }
         }
-        self.flush().await?;
+        match self.sink.poll_flush(cx) {
+            Poll::Ready(Ok(())) => Ok(None),
+            Poll::Ready(Err(err)) => Err(self.broken(err)),
+            Poll::Pending => Ok(Some(Blocked::Flush)),
+        }
+    }
+
+    /// Queues `msg` if the write buffer has room now; hands it back if not.
+    fn try_write(&mut self, cx: &mut Context<'_>, msg: Message) -> Result<Option<Message>, Stop> {
+        // A Close frame goes through tungstenite, which needs the buffer empty.
+        let room = if matches!(msg, Message::Close(_) | Message::Frame(_)) {
+            self.sink.poll_flush(cx)
+        } else {
+            self.sink.poll_ready(cx)
+        };
+        match room {
+            Poll::Ready(Ok(())) => {
+                self.sink.start_send(msg).map_err(|err| self.broken(err))?;
+                Ok(None)
+            }
+            Poll::Ready(Err(err)) => Err(self.broken(err)),
+            Poll::Pending => Ok(Some(msg)),
+        }
+    }
+
+    /// The rest of a batch the socket made wait: waits (for at most
+    /// `send_timeout` without progress), then goes on filling.
+    async fn wait_out(&mut self, mut batch: Batch, mut blocked: Blocked) -> Result<(), Stop> {
+        loop {
+            match blocked {
+                Blocked::Room(msg) => self.write(msg).await?,
+                Blocked::Flush => {
+                    self.flush().await?;
+                    self.finish(batch);
+                    return Ok(());
+                }
+            }
+            match poll_fn(|cx| Poll::Ready(self.fill(cx, &mut batch, None, None))).await? {
+                Some(next) => blocked = next,
+                None => {
+                    self.finish(batch);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// After a batch's flush: metrics, the idle clock, flush waiters.
+    fn finish(&mut self, batch: Batch) {
         self.count_flush(false);
-        if written > 0 {
+        if batch.written > 0 {
             if let Some(idle) = self.idle.as_mut() {
                 idle.wrote = Instant::now();
             }
         }
-        for done in flush_waiters {
+        for done in batch.flush_waiters {
             let _ = done.send(());
         }
-        if cut {
+        if batch.cut {
             // `max_batch` may have left commands behind: come back for them
             // (queued commands ring only once, when they are queued).
             self.shared.wake.ring();
         }
-        Ok(())
     }
 
     /// Metrics after a flush: the delivery latency of the hub messages it
@@ -1528,8 +1698,8 @@ impl SendTask {
 
     /// What to write for one item of the subscription at `at`, applying
     /// its policy to what the hub reports: a message, nothing, or a stop.
-    /// Not async, so that a batch's future (boxed once per batch) holds one
-    /// write and not a second copy of the item around it.
+    /// Not async: a batch runs without a future of its own until the socket
+    /// makes it wait.
     fn forwarded(&mut self, at: usize, item: Item) -> Result<Option<Message>, Stop> {
         let Some(fwd) = self.subs.get(at) else {
             return Ok(None);
@@ -1575,7 +1745,8 @@ impl SendTask {
         self.ping.sent += 1;
         if self.ping.deadline.is_none() {
             self.ping.pongs_at_ping = self.shared.pongs.load(Ordering::Relaxed);
-            self.ping.deadline = Some(Instant::now() + self.shared.settings().timeout);
+            let deadline = Instant::now() + self.shared.settings().timeout;
+            self.ping.deadline = Some(Box::pin(sleep_until(deadline)));
         }
         let payload = Bytes::copy_from_slice(&self.ping.sent.to_be_bytes());
         self.write(Message::Ping(payload)).await?;

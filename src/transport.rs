@@ -68,6 +68,7 @@ trait WsIo: Send {
     fn start_send(&mut self, msg: Message) -> Result<(), WsError>;
     fn wire(&mut self) -> &mut WireState;
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn poll_flush_wire(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
@@ -89,6 +90,9 @@ where
     }
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.get_mut().poll_drain(cx)
+    }
+    fn poll_flush_wire(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        AsyncWrite::poll_flush(Pin::new(self.get_mut()), cx)
     }
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(self.get_mut()).poll_shutdown(cx)
@@ -142,6 +146,8 @@ impl Transport {
         match &item {
             Some(Ok(Message::Ping(_))) => {
                 let wire = io.wire();
+                // tungstenite has queued the pong.
+                wire.tungstenite_holds = true;
                 if wire.out.len > wire.limit {
                     wire.unanswered_pings += 1;
                 } else {
@@ -149,7 +155,13 @@ impl Transport {
                 }
             }
             // tungstenite answers the client's Close; no data may follow it.
-            Some(Ok(Message::Close(_))) => io.wire().closing = true,
+            Some(Ok(Message::Close(_))) => {
+                let wire = io.wire();
+                wire.closing = true;
+                wire.tungstenite_holds = true;
+            }
+            // tungstenite may have queued a Close of its own.
+            Some(Err(_)) => io.wire().tungstenite_holds = true,
             _ => {}
         }
         Poll::Ready(item)
@@ -183,9 +195,9 @@ impl Transport {
             Message::Ping(_) => 0x9,
             Message::Pong(_) => 0xA,
             Message::Close(_) | Message::Frame(_) => {
-                if matches!(msg, Message::Close(_)) {
-                    io.wire().closing = true;
-                }
+                let wire = io.wire();
+                wire.closing |= matches!(msg, Message::Close(_));
+                wire.tungstenite_holds = true;
                 return io.start_send(msg);
             }
         };
@@ -215,12 +227,22 @@ impl Transport {
     }
 }
 
-/// Flushes through tungstenite, so that the pongs and Close frames it holds
-/// go out in order and its wake-ups reach both halves; once tungstenite has
-/// ended the connection it no longer flushes the [`Wire`], which is then
-/// drained directly (nothing else writes by then).
+/// Writes out the [`Wire`] directly while tungstenite holds nothing, which
+/// is the case for every data frame: nothing is left to go out in order
+/// before it, and the socket wakes the send task itself. Otherwise flushes
+/// through tungstenite, so that the pongs and Close frames it holds go out
+/// in order and its wake-ups reach both halves; once tungstenite has ended
+/// the connection it no longer flushes the [`Wire`], which is then drained
+/// directly (nothing else writes by then).
 fn flush_all(io: &mut dyn WsIo, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+    if !io.wire().tungstenite_holds {
+        return io.poll_flush_wire(cx).map_err(WsError::Io);
+    }
     ready!(io.poll_flush(cx))?;
+    // A pong that found tungstenite's buffer full is taken back and only
+    // written by its next flush: this one.
+    ready!(io.poll_flush(cx))?;
+    io.wire().tungstenite_holds = false;
     if io.wire().out.len > 0 {
         ready!(io.poll_drain(cx))?;
     }
@@ -360,6 +382,10 @@ pub(crate) struct WireState {
     meter: Meter,
     /// A Close frame has been received or queued: no data frame may follow.
     closing: bool,
+    /// tungstenite may hold bytes of its own (a pong or Close it queued, a
+    /// raw frame handed to it, bytes the buffer refused): until a flush
+    /// through tungstenite has written them, flushes go through it.
+    tungstenite_holds: bool,
     unanswered_pings: u32,
 }
 
@@ -383,6 +409,7 @@ impl<S> Wire<S> {
                 limit,
                 meter: Meter::default(),
                 closing: false,
+                tungstenite_holds: false,
                 unanswered_pings: 0,
             },
         }
@@ -449,6 +476,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Wire<S> {
                 return Poll::Ready(Err(err));
             }
             if self.state.out.len > self.state.limit {
+                self.state.tungstenite_holds = true;
                 return Poll::Pending;
             }
         }

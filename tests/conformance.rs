@@ -629,6 +629,151 @@ async fn ping_is_answered_with_a_pong_carrying_its_payload() {
     server.shutdown().await;
 }
 
+/// Pings sent in the middle of a hub's stream: each pong comes back, with
+/// its payload, before the messages published after the ping was answered,
+/// and the stream loses nothing around them.
+#[tokio::test]
+async fn pings_amid_a_hub_stream_are_each_answered_in_order() {
+    let hub = wshub::Hub::new();
+    let route_hub = hub.clone();
+    let server = TestServer::start(Server::new().route("/stream", move |mut session: Session| {
+        let hub = route_hub.clone();
+        async move {
+            session.join(hub.subscribe()).await;
+        }
+    }))
+    .await;
+    let mut tcp = handshake(server.addr(), "/stream").await;
+    within("the subscriber to join", async {
+        while hub.subscriber_count() == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let mut next = 0u32;
+    let mut seen = 0u32;
+    let text = |seen: &mut u32, got: &[u8]| {
+        assert_eq!(got, seen.to_string().as_bytes(), "the stream out of order");
+        *seen += 1;
+    };
+    for ping in 0..50u32 {
+        // A burst, so that the pong meets frames the send task is writing.
+        for _ in 0..20 {
+            let published = hub.publish(next.to_string()).await;
+            assert_eq!(published, Ok(wshub::Published::Queued));
+            next += 1;
+        }
+        let payload = format!("ping {ping}");
+        send(&mut tcp, PING, payload.as_bytes()).await;
+        let mut texts = 0;
+        loop {
+            let (fin, opcode, got) = next_frame(&mut tcp, "the stream or the pong").await;
+            assert!(fin, "a fragmented frame in the stream");
+            match opcode {
+                TEXT => {
+                    text(&mut seen, &got);
+                    texts += 1;
+                }
+                PONG => {
+                    assert_eq!(got, payload.as_bytes(), "the pong's payload");
+                    break;
+                }
+                other => panic!("unexpected opcode {other:#x}"),
+            }
+        }
+        assert!(
+            texts <= 20,
+            "{texts} messages of a 20-message burst before its pong"
+        );
+        // What the pong overtook comes after it, in order.
+        for _ in texts..20 {
+            let (_, opcode, got) = next_frame(&mut tcp, "the rest of the burst").await;
+            assert_eq!(opcode, TEXT, "a second pong for one ping");
+            text(&mut seen, &got);
+        }
+    }
+    assert_eq!(seen, next, "every published message arrived");
+    client_close(&mut tcp).await;
+    server.shutdown().await;
+}
+
+/// A ping read while the server's write buffer is full: the pong cannot be
+/// queued then, and still goes out once the client reads again, though the
+/// client sends nothing more.
+#[tokio::test]
+async fn a_pong_held_back_by_a_full_buffer_goes_out_once_the_client_reads() {
+    const MESSAGES: usize = 64;
+    const SIZE: usize = 64 * 1024;
+    let hub = wshub::Hub::with_config(wshub::HubConfig::default().capacity(MESSAGES)).unwrap();
+    let (read_it, mut handler_read) = tokio::sync::mpsc::unbounded_channel();
+    let route_hub = hub.clone();
+    let config = Config::default()
+        .write_buffer_size(16 * 1024)
+        .send_timeout(WAIT * 4);
+    let server = TestServer::start(Server::new().config(config).route(
+        "/stream",
+        move |mut session: Session| {
+            let hub = route_hub.clone();
+            let read_it = read_it.clone();
+            async move {
+                session
+                    .outgoing()
+                    .forward(hub.subscribe())
+                    .await
+                    .expect("forward the hub");
+                while let Some(msg) = session.recv().await {
+                    let _ = read_it.send(msg);
+                }
+            }
+        },
+    ))
+    .await;
+    // A 4 KiB receive buffer: the server's writes soon block.
+    let mut tcp = common::upgrade_raw(server.addr(), "/stream", Some(4096)).await;
+    within("the subscriber to join", async {
+        while hub.subscriber_count() == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    for i in 0..MESSAGES {
+        let mut payload = vec![b'x'; SIZE];
+        payload[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        let published = hub.publish(bytes::Bytes::from(payload)).await;
+        assert_eq!(published, Ok(wshub::Published::Queued));
+    }
+    // Far more than the buffers hold is queued: the ping's pong finds the
+    // write buffer full. The text after it tells when the ping was read.
+    send(&mut tcp, PING, b"held").await;
+    send(&mut tcp, TEXT, b"after the ping").await;
+    let read = within("the handler to read the text", handler_read.recv()).await;
+    assert!(
+        matches!(&read, Some(wshub::Message::Text(t)) if t.as_str() == "after the ping"),
+        "the handler read {read:?}"
+    );
+    let mut data = 0;
+    let mut pongs = Vec::new();
+    while data < MESSAGES || pongs.is_empty() {
+        let (_, opcode, payload) = next_frame(&mut tcp, "the stream and the pong").await;
+        match opcode {
+            BINARY => {
+                assert_eq!(payload.len(), SIZE);
+                assert_eq!(payload[..8], (data as u64).to_be_bytes(), "out of order");
+                data += 1;
+            }
+            PONG => pongs.push(payload),
+            other => panic!("unexpected opcode {other:#x}"),
+        }
+    }
+    assert_eq!(
+        pongs,
+        vec![b"held".to_vec()],
+        "exactly one pong, the ping's"
+    );
+    client_close(&mut tcp).await;
+    server.shutdown().await;
+}
+
 /// Reads every frame until the server ends the connection:
 /// `(opcode, payload)` pairs.
 async fn frames_until_end(tcp: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {

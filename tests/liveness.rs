@@ -240,3 +240,71 @@ async fn sessions_that_talk_or_listen_are_not_idle() {
     subscribers_become(&hub, 0).await;
     server.shutdown().await;
 }
+
+/// A hub whose publisher never lets it run dry keeps the send task busy
+/// with messages; it still sends its pings, and still closes a client that
+/// reads everything but never answers them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_that_never_runs_dry_holds_back_neither_pings_nor_the_ping_timeout() {
+    use tokio::io::AsyncReadExt;
+    let hub = Hub::new();
+    let config = Config::default()
+        .ping_period(Some(Duration::from_millis(50)))
+        .timeout(Duration::from_millis(300));
+    let (server, mut reports) = reporting_sharedflow(hub.clone(), config);
+    let server = TestServer::start(server).await;
+    // A raw client: it reads every frame and answers nothing.
+    let mut tcp = common::upgrade_raw(server.addr(), "/ws", None).await;
+    subscribers_become(&hub, 1).await;
+    let started = Instant::now();
+    let flood = {
+        let hub = hub.clone();
+        std::thread::spawn(move || {
+            let mut sent = 0u64;
+            while hub.subscriber_count() > 0 && started.elapsed() < WAIT {
+                for _ in 0..256 {
+                    let _ = hub.try_publish("tick");
+                }
+                sent += 256;
+            }
+            sent
+        })
+    };
+    let mut pings = 0;
+    let mut texts = 0u64;
+    within("the server to end the connection", async {
+        let mut head = [0u8; 2];
+        while tcp.read_exact(&mut head).await.is_ok() {
+            let len = match head[1] & 0x7F {
+                126 => usize::from(tcp.read_u16().await.unwrap_or(0)),
+                127 => panic!("an unexpected 64-bit frame length"),
+                len => usize::from(len),
+            };
+            let mut payload = vec![0; len];
+            if tcp.read_exact(&mut payload).await.is_err() {
+                break;
+            }
+            match head[0] & 0x0F {
+                0x9 => pings += 1,
+                0x1 => texts += 1,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    let elapsed = started.elapsed();
+    let sent = flood.join().expect("the publisher thread");
+    let (code, reason) = reported(&mut reports).await;
+    assert_eq!((code, reason.as_str()), (1011, "ping timeout"));
+    assert!(pings >= 1, "no ping in {texts} messages");
+    assert!(
+        elapsed < Duration::from_millis(50 + 300 + 700),
+        "closed after {elapsed:?}: the ping or its deadline waited for the flood \
+         ({sent} published, {texts} read)"
+    );
+    assert!(
+        texts > 100,
+        "only {texts} messages read: no flood to test against"
+    );
+    server.shutdown().await;
+}
