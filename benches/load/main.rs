@@ -21,11 +21,11 @@
 //! the server process's own accounting over the same window (after the
 //! warm-up until the end): its context switches per second (`getrusage`'s
 //! `ru_nvcsw + ru_nivcsw`, voluntary and involuntary, also apart in the
-//! JSON; column `csw/s`). A figure the kernel does not give is shown as `-`
-//! (`null` in the JSON), never as 0. Write syscalls per delivery are not
-//! reported: the kernel's own count (`syscw` of `/proc/PID/io`) covers the
-//! VFS write path only, not the `send` that Rust's `TcpStream::write` is,
-//! so it reads 0 for every server here.
+//! JSON; column `csw/s`), and its write syscalls per delivery (`write`,
+//! `writev`, `sendto`, `sendmsg`, counted by the kernel's tracepoints
+//! through `perf stat`, see `writes.rs`; column `wr/deliv`). A figure the
+//! machine does not give is shown as `-` (`null` in the JSON), never as 0,
+//! and the run's JSON says why.
 //!
 //! The broadcast scenarios (`fanout-*`, `chat-1k`, `idle-max`,
 //! `slow-client`, `slow-reader`, `sweep`, `smoke`) load servers that relay
@@ -102,6 +102,7 @@ mod pubsub;
 mod servers;
 mod slow_reader;
 mod sys;
+mod writes;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -592,6 +593,14 @@ impl Target {
         Ok(Target::External { addr, path, pid })
     }
 
+    /// The server's process id, when it is known.
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Target::Child { child, .. } => Some(child.id()),
+            Target::External { pid, .. } => *pid,
+        }
+    }
+
     fn addr(&self) -> SocketAddr {
         match self {
             Target::Child { addr, .. } | Target::External { addr, .. } => *addr,
@@ -698,6 +707,15 @@ struct RunResult {
     voluntary_switches_per_sec: Option<f64>,
     /// The involuntary part (preemptions).
     involuntary_switches_per_sec: Option<f64>,
+    /// The server's write syscalls (`write`, `writev`, `sendto`,
+    /// `sendmsg`) per delivery, counted by perf (see `writes.rs`) from the
+    /// warm-up to the end.
+    write_syscalls_per_delivery: Option<f64>,
+    /// Those writes by syscall.
+    write_syscalls: BTreeMap<String, u64>,
+    /// Why the writes were not counted, if they were not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    write_syscalls_missing: Option<String>,
     server_rss_start_kib: Option<u64>,
     server_rss_connected_kib: Option<u64>,
     server_rss_end_kib: Option<u64>,
@@ -756,6 +774,19 @@ impl RunResult {
         self.voluntary_switches_per_sec = voluntary;
         self.involuntary_switches_per_sec = involuntary;
         self.context_switches_per_sec = voluntary.zip(involuntary).map(|(v, i)| v + i);
+    }
+
+    /// The write syscalls counted, per delivery.
+    fn set_writes(&mut self, counted: Result<BTreeMap<String, u64>, String>, deliveries: u64) {
+        match counted {
+            Ok(counts) => {
+                let all: u64 = counts.values().sum();
+                self.write_syscalls_per_delivery =
+                    (deliveries > 0).then(|| all as f64 / deliveries as f64);
+                self.write_syscalls = counts;
+            }
+            Err(why) => self.write_syscalls_missing = Some(why),
+        }
     }
 
     /// Server RSS before and after the clients connected, per connection.
@@ -866,6 +897,10 @@ async fn run_once(
             fleet.first_error.as_deref().unwrap_or("no error recorded")
         ));
     }
+    // Counting starts before the warm-up, which gives perf time to attach
+    // before the window; the warm-up's few writes (about one per client)
+    // are then counted with the window's.
+    let write_counter = target.pid().map(writes::WriteCounter::start);
     let all_ready = fleet.warm_up(Duration::from_secs(30)).await;
     let connected = target.stats();
 
@@ -894,6 +929,11 @@ async fn run_once(
         .drain(Duration::from_secs(3), Duration::from_secs(30))
         .await;
     let end = target.stats();
+    let write_syscalls = match write_counter {
+        Some(Ok(counter)) => counter.stop(),
+        Some(Err(why)) => Err(why),
+        None => Err("no process id to count the writes of".to_string()),
+    };
     follower.abort();
     bar.finish_and_clear();
 
@@ -947,6 +987,7 @@ async fn run_once(
     };
     result.set_cpu_for(&connected, &end, delivered);
     result.set_rss(&start, &connected, connected_n);
+    result.set_writes(write_syscalls, delivered);
     if scenario.throttled {
         let policy = match variant.kind {
             Kind::Wshub(policy) => Some(policy),
@@ -988,6 +1029,7 @@ struct Summary {
     context_switches_per_sec: Option<f64>,
     voluntary_switches_per_sec: Option<f64>,
     involuntary_switches_per_sec: Option<f64>,
+    write_syscalls_per_delivery: Option<f64>,
     server_rss_connected_mib: Option<f64>,
     server_rss_end_mib: Option<f64>,
     kib_per_connection: Option<f64>,
@@ -1053,6 +1095,7 @@ fn summarize(results: &[RunResult]) -> Vec<Summary> {
                 context_switches_per_sec: opt(&|r| r.context_switches_per_sec),
                 voluntary_switches_per_sec: opt(&|r| r.voluntary_switches_per_sec),
                 involuntary_switches_per_sec: opt(&|r| r.involuntary_switches_per_sec),
+                write_syscalls_per_delivery: opt(&|r| r.write_syscalls_per_delivery),
                 server_rss_connected_mib: opt(&|r| {
                     r.server_rss_connected_kib.map(|k| k as f64 / 1024.0)
                 }),
@@ -1093,7 +1136,7 @@ fn fmt_opt(v: Option<f64>, digits: usize) -> String {
 
 fn print_table(summaries: &[Summary]) {
     println!(
-        "{:<24} {:>4} {:>6} {:>5} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
+        "{:<24} {:>4} {:>6} {:>5} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
         "server",
         "runs",
         "conn",
@@ -1110,6 +1153,7 @@ fn print_table(summaries: &[Summary]) {
         "user µs",
         "sys µs",
         "csw/s",
+        "wr/deliv",
         "RSS MiB",
         "KiB/conn",
         "closed",
@@ -1117,7 +1161,7 @@ fn print_table(summaries: &[Summary]) {
     );
     for s in summaries {
         println!(
-            "{:<24} {:>4} {:>6} {:>5} {:>7.4} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
+            "{:<24} {:>4} {:>6} {:>5} {:>7.4} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5}",
             s.server,
             s.runs,
             s.connected,
@@ -1134,6 +1178,7 @@ fn print_table(summaries: &[Summary]) {
             fmt_opt(s.user_us_per_delivery, 2),
             fmt_opt(s.sys_us_per_delivery, 2),
             fmt_opt(s.context_switches_per_sec, 0),
+            fmt_opt(s.write_syscalls_per_delivery, 3),
             fmt_opt(s.server_rss_connected_mib, 1),
             fmt_opt(s.kib_per_connection, 2),
             s.closed_by_server,
@@ -1178,12 +1223,16 @@ fn print_table(summaries: &[Summary]) {
             _ => "-".to_string(),
         };
         println!(
-            "  wshub / {:<14} CPU per delivery {} (user {})   context switches/s {}   p99 {}   \
-             RSS {}",
+            "  wshub / {:<14} CPU per delivery {} (user {})   context switches/s {}   \
+             writes/delivery {}   p99 {}   RSS {}",
             base.server,
             ratio(ours.cpu_us_per_delivery, base.cpu_us_per_delivery),
             ratio(ours.user_us_per_delivery, base.user_us_per_delivery),
             ratio(ours.context_switches_per_sec, base.context_switches_per_sec),
+            ratio(
+                ours.write_syscalls_per_delivery,
+                base.write_syscalls_per_delivery
+            ),
             ratio(Some(ours.p99_ms), Some(base.p99_ms)),
             ratio(ours.server_rss_connected_mib, base.server_rss_connected_mib),
         );
