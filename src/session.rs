@@ -1262,8 +1262,8 @@ impl Ping {
 enum Wake {
     /// The signal: a kill, a close request, new settings or a command.
     Rung,
-    /// A hub message, or a report from the hub.
-    Hub((usize, Item)),
+    /// A hub message (or a report from the hub), and the batch it started.
+    Hub(Started),
     PongDeadline,
     Idle,
     Ping,
@@ -1280,6 +1280,10 @@ struct Batch {
     /// `max_batch` cut the batch short.
     cut: bool,
 }
+
+/// A batch just started: `None` once it is written and flushed, else what
+/// it waits for.
+type Started = Result<Option<(Batch, Blocked)>, Stop>;
 
 /// What a batch waits for when the socket does not take it at once.
 enum Blocked {
@@ -1406,50 +1410,57 @@ impl SendTask {
             // Fast path: hub messages are already waiting and nothing else
             // was rung. It skips polling (and re-arming) every other branch,
             // which is most of a wake-up's cost. Every `max_batch` runs the
-            // full select below takes a turn, so pings and commands are never
-            // starved by a busy hub.
-            if fast_runs < self.max_batch && !self.shared.wake.is_rung() {
-                if let Some(item) = self.subs.try_next() {
-                    fast_runs += 1;
-                    if let Err(stop) = self.batch(None, Some(item)).await {
-                        return stop;
-                    }
-                    continue;
-                }
-            }
-            let timers_first = fast_runs >= self.max_batch;
-            fast_runs = 0;
-            match poll_fn(|cx| self.poll_wake(cx, timers_first)).await {
-                // Kills, close requests (server shutdown included), new
-                // settings and queued commands all ring one signal, so an idle
-                // send task waits on one atomic, one timer and the hub.
-                Wake::Rung => {
-                    if self.shared.killed.load(Ordering::Acquire) {
-                        return Stop::Kill;
-                    }
-                    if self.shared.close_pending.load(Ordering::Acquire) {
-                        if let Some(request) = self.shared.take_close_request() {
-                            return Stop::Close(request);
+            // timers go first, so pings and commands are never starved by a
+            // busy hub.
+            let fast = if fast_runs < self.max_batch && !self.shared.wake.is_rung() {
+                poll_fn(|cx| {
+                    let item = self.subs.try_next();
+                    Poll::Ready(item.map(|item| self.start_batch(cx, None, Some(item))))
+                })
+                .await
+            } else {
+                None
+            };
+            // A batch started here or on a wake-up: it has gone out, or it
+            // waits for the socket.
+            let started = if let Some(started) = fast {
+                fast_runs += 1;
+                started
+            } else {
+                let timers_first = fast_runs >= self.max_batch;
+                fast_runs = 0;
+                match poll_fn(|cx| self.poll_wake(cx, timers_first)).await {
+                    // Kills, close requests (server shutdown included), new
+                    // settings and queued commands all ring one signal, so an
+                    // idle send task waits on one atomic, one timer and the hub.
+                    Wake::Rung => {
+                        if self.shared.killed.load(Ordering::Acquire) {
+                            return Stop::Kill;
+                        }
+                        if self.shared.close_pending.load(Ordering::Acquire) {
+                            if let Some(request) = self.shared.take_close_request() {
+                                return Stop::Close(request);
+                            }
+                        }
+                        if self.shared.settings_changed.swap(false, Ordering::AcqRel) {
+                            self.ping.apply(self.shared.settings());
+                        }
+                        let queued = poll_fn(|cx| {
+                            let command = self.shared.queue.pop();
+                            Poll::Ready(command.map(|c| self.start_batch(cx, Some(c), None)))
+                        })
+                        .await;
+                        match queued {
+                            Some(started) => started,
+                            None => continue,
                         }
                     }
-                    if self.shared.settings_changed.swap(false, Ordering::AcqRel) {
-                        self.ping.apply(self.shared.settings());
-                    }
-                    if let Some(command) = self.shared.queue.pop() {
-                        if let Err(stop) = self.batch(Some(command), None).await {
-                            return stop;
+                    Wake::Hub(started) => started,
+                    Wake::PongDeadline => {
+                        if self.shared.pongs.load(Ordering::Relaxed) > self.ping.pongs_at_ping {
+                            self.ping.deadline = None;
+                            continue;
                         }
-                    }
-                }
-                Wake::Hub(item) => {
-                    if let Err(stop) = self.batch(None, Some(item)).await {
-                        return stop;
-                    }
-                }
-                Wake::PongDeadline => {
-                    if self.shared.pongs.load(Ordering::Relaxed) > self.ping.pongs_at_ping {
-                        self.ping.deadline = None;
-                    } else {
                         tracing::debug!("no pong within the timeout");
                         return Stop::Close(CloseRequest {
                             reason: close_reason(CloseCode::Error, "ping timeout"),
@@ -1457,20 +1468,31 @@ impl SendTask {
                             drain_hub: false,
                         });
                     }
+                    Wake::Idle => {
+                        tracing::debug!("idle timeout");
+                        return Stop::Close(CloseRequest {
+                            reason: close_reason(CloseCode::Away, "idle timeout"),
+                            handshake: true,
+                            drain_hub: false,
+                        });
+                    }
+                    Wake::Ping => {
+                        if let Err(stop) = Box::pin(self.send_ping()).await {
+                            return stop;
+                        }
+                        continue;
+                    }
                 }
-                Wake::Idle => {
-                    tracing::debug!("idle timeout");
-                    return Stop::Close(CloseRequest {
-                        reason: close_reason(CloseCode::Away, "idle timeout"),
-                        handshake: true,
-                        drain_hub: false,
-                    });
-                }
-                Wake::Ping => {
-                    if let Err(stop) = Box::pin(self.send_ping()).await {
+            };
+            match started {
+                Ok(None) => {}
+                // Boxed: a rare path, kept out of the send task's own size.
+                Ok(Some((batch, blocked))) => {
+                    if let Err(stop) = Box::pin(self.wait_out(batch, blocked)).await {
                         return stop;
                     }
                 }
+                Err(stop) => return stop,
             }
         }
     }
@@ -1488,7 +1510,7 @@ impl SendTask {
         }
         if !timers_first {
             if let Poll::Ready(item) = self.subs.poll_next(cx) {
-                return Poll::Ready(Wake::Hub(item));
+                return Poll::Ready(Wake::Hub(self.start_batch(cx, None, Some(item))));
             }
         }
         if self.shared.wake.poll_rung(cx).is_ready() {
@@ -1505,7 +1527,7 @@ impl SendTask {
         }
         if timers_first {
             if let Poll::Ready(item) = self.subs.poll_next(cx) {
-                return Poll::Ready(Wake::Hub(item));
+                return Poll::Ready(Wake::Hub(self.start_batch(cx, None, Some(item))));
             }
         }
         Poll::Pending
@@ -1513,13 +1535,15 @@ impl SendTask {
 
     /// Writes one item, then whatever else is ready (up to `max_batch`), then
     /// flushes once. Most batches never wait for the socket: they run in one
-    /// go, without a future of their own; one that must wait goes on in
+    /// go, within the poll that took their first item, and no future of
+    /// theirs is kept; one that must wait is handed back, to go on in
     /// [`wait_out`](Self::wait_out).
-    async fn batch(
+    fn start_batch(
         &mut self,
+        cx: &mut Context<'_>,
         command: Option<Command>,
         forwarded: Option<(usize, Item)>,
-    ) -> Result<(), Stop> {
+    ) -> Started {
         // Under Suspend, a batch that starts with a hub message looks at how
         // far behind this subscriber is: now, after the flush that ended the
         // last batch, the publishers have refilled what it took.
@@ -1527,19 +1551,12 @@ impl SendTask {
             return Err(self.stalled());
         }
         let mut batch = Batch::default();
-        let mut first = Some((command, forwarded));
-        let blocked = poll_fn(|cx| {
-            let (command, forwarded) = first.take().unwrap_or_default();
-            Poll::Ready(self.fill(cx, &mut batch, command, forwarded))
-        })
-        .await?;
-        match blocked {
+        match self.fill(cx, &mut batch, command, forwarded)? {
             None => {
                 self.finish(batch);
-                Ok(())
+                Ok(None)
             }
-            // Boxed: a rare path, kept out of the send task's own size.
-            Some(blocked) => Box::pin(self.wait_out(batch, blocked)).await,
+            Some(blocked) => Ok(Some((batch, blocked))),
         }
     }
 
