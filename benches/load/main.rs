@@ -23,9 +23,10 @@
 //! `ru_nvcsw + ru_nivcsw`, voluntary and involuntary, also apart in the
 //! JSON; column `csw/s`), and its write syscalls per delivery (`write`,
 //! `writev`, `sendto`, `sendmsg`, counted by the kernel's tracepoints
-//! through `perf stat`, see `writes.rs`; column `wr/deliv`). A figure the
-//! machine does not give is shown as `-` (`null` in the JSON), never as 0,
-//! and the run's JSON says why.
+//! through `perf stat`, see `writes.rs`; column `wr/deliv`;
+//! `--no-count-writes` turns that off). A figure the machine does not give
+//! is shown as `-` (`null` in the JSON), never as 0, and the run's JSON
+//! says why.
 //!
 //! The broadcast scenarios (`fanout-*`, `chat-1k`, `idle-max`,
 //! `slow-client`, `slow-reader`, `sweep`, `smoke`) load servers that relay
@@ -192,6 +193,11 @@ struct Args {
     /// Handshakes in flight at once.
     #[arg(long, default_value_t = 200)]
     concurrency: usize,
+    /// Do not count the server's write syscalls (by default `perf stat`
+    /// counts them on the syscall tracepoints, where perf and the
+    /// permission to read them are there).
+    #[arg(long = "no-count-writes", action = clap::ArgAction::SetFalse)]
+    count_writes: bool,
     /// Where JSON results (and the sweep's SVG) go.
     #[arg(long, default_value = "target/load")]
     out: PathBuf,
@@ -900,7 +906,10 @@ async fn run_once(
     // Counting starts before the warm-up, which gives perf time to attach
     // before the window; the warm-up's few writes (about one per client)
     // are then counted with the window's.
-    let write_counter = target.pid().map(writes::WriteCounter::start);
+    let write_counter = args
+        .count_writes
+        .then(|| target.pid().map(writes::WriteCounter::start))
+        .flatten();
     let all_ready = fleet.warm_up(Duration::from_secs(30)).await;
     let connected = target.stats();
 
@@ -932,7 +941,8 @@ async fn run_once(
     let write_syscalls = match write_counter {
         Some(Ok(counter)) => counter.stop(),
         Some(Err(why)) => Err(why),
-        None => Err("no process id to count the writes of".to_string()),
+        None if args.count_writes => Err("no process id to count the writes of".to_string()),
+        None => Err("not counted (--no-count-writes)".to_string()),
     };
     follower.abort();
     bar.finish_and_clear();
