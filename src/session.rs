@@ -1509,8 +1509,8 @@ impl SendTask {
             return Poll::Ready(Wake::Rung);
         }
         if !timers_first {
-            if let Poll::Ready(item) = self.subs.poll_next(cx) {
-                return Poll::Ready(Wake::Hub(self.start_batch(cx, None, Some(item))));
+            if let Poll::Ready(wake) = self.poll_hub(cx) {
+                return Poll::Ready(wake);
             }
         }
         if self.shared.wake.poll_rung(cx).is_ready() {
@@ -1526,11 +1526,16 @@ impl SendTask {
             return Poll::Ready(Wake::Ping);
         }
         if timers_first {
-            if let Poll::Ready(item) = self.subs.poll_next(cx) {
-                return Poll::Ready(Wake::Hub(self.start_batch(cx, None, Some(item))));
-            }
+            return self.poll_hub(cx);
         }
         Poll::Pending
+    }
+
+    /// Ready with the batch a hub message started, if one is waiting.
+    fn poll_hub(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
+        self.subs
+            .poll_next(cx)
+            .map(|item| Wake::Hub(self.start_batch(cx, None, Some(item))))
     }
 
     /// Writes one item, then whatever else is ready (up to `max_batch`), then
@@ -1624,13 +1629,7 @@ impl SendTask {
 
     /// Queues `msg` if the write buffer has room now; hands it back if not.
     fn try_write(&mut self, cx: &mut Context<'_>, msg: Message) -> Result<Option<Message>, Stop> {
-        // A Close frame goes through tungstenite, which needs the buffer empty.
-        let room = if matches!(msg, Message::Close(_) | Message::Frame(_)) {
-            self.sink.poll_flush(cx)
-        } else {
-            self.sink.poll_ready(cx)
-        };
-        match room {
+        match self.sink.poll_room(cx, &msg) {
             Poll::Ready(Ok(())) => {
                 self.sink.start_send(msg).map_err(|err| self.broken(err))?;
                 Ok(None)
@@ -1776,15 +1775,8 @@ impl SendTask {
     /// `send_timeout` without progress. A Close frame goes through
     /// tungstenite, which needs the buffer empty for it.
     async fn write(&mut self, msg: Message) -> Result<(), Stop> {
-        let empty_first = matches!(msg, Message::Close(_) | Message::Frame(_));
         let sink = &self.sink;
-        let room = poll_fn(|cx| {
-            if empty_first {
-                sink.poll_flush(cx)
-            } else {
-                sink.poll_ready(cx)
-            }
-        });
+        let room = poll_fn(|cx| sink.poll_room(cx, &msg));
         match until_stuck(self.send_timeout, sink.meter(), &mut self.subs, room).await {
             Waited::Done(Ok(())) => {}
             Waited::Done(Err(err)) => return Err(self.broken(err)),

@@ -183,6 +183,22 @@ impl Transport {
         flush_all(&mut *io, cx)
     }
 
+    /// Ready when `msg` may be queued: for a data frame, when the buffer has
+    /// room ([`poll_ready`](Self::poll_ready)); for a Close or raw frame,
+    /// which go through tungstenite and need the buffer empty, once
+    /// everything is written ([`poll_flush`](Self::poll_flush)).
+    pub(crate) fn poll_room(
+        &self,
+        cx: &mut Context<'_>,
+        msg: &Message,
+    ) -> Poll<Result<(), WsError>> {
+        if matches!(msg, Message::Close(_) | Message::Frame(_)) {
+            self.poll_flush(cx)
+        } else {
+            self.poll_ready(cx)
+        }
+    }
+
     /// Queues a message for the next write. Text, binary, ping and pong
     /// frames are queued by [`Wire`] without copying a large payload; a
     /// Close frame (or a raw frame) goes through tungstenite, which needs an

@@ -904,12 +904,16 @@ async fn run_once(
         ));
     }
     // Counting starts before the warm-up, which gives perf time to attach
-    // before the window; the warm-up's few writes (about one per client)
-    // are then counted with the window's.
-    let write_counter = args
-        .count_writes
-        .then(|| target.pid().map(writes::WriteCounter::start))
-        .flatten();
+    // before the window; the warm-up's writes (about one per client) are
+    // then counted with the window's, which only matters where the window
+    // holds few deliveries per client (idle-max: one).
+    let write_counter = if args.count_writes {
+        let pid = target.pid().ok_or("no process id to count the writes of");
+        pid.map_err(str::to_string)
+            .and_then(writes::WriteCounter::start)
+    } else {
+        Err("not counted (--no-count-writes)".to_string())
+    };
     let all_ready = fleet.warm_up(Duration::from_secs(30)).await;
     let connected = target.stats();
 
@@ -938,12 +942,7 @@ async fn run_once(
         .drain(Duration::from_secs(3), Duration::from_secs(30))
         .await;
     let end = target.stats();
-    let write_syscalls = match write_counter {
-        Some(Ok(counter)) => counter.stop(),
-        Some(Err(why)) => Err(why),
-        None if args.count_writes => Err("no process id to count the writes of".to_string()),
-        None => Err("not counted (--no-count-writes)".to_string()),
-    };
+    let write_syscalls = write_counter.and_then(writes::WriteCounter::stop);
     follower.abort();
     bar.finish_and_clear();
 
